@@ -1,0 +1,290 @@
+// diffusion family, CPU: the fused affine step behind q_sample, p_step and ddim_step.
+//
+//   f          = (1 + w) * model_out - w * uncond_out        (uncond_out optional: f = model_out)
+//   out[r, :]  = a_r * x[r, :] + b_r * f[r, :] + c_r * z[r, :]
+//   (a_r, b_r, c_r) = float32(table[t[r]])   (or table[r] / table[0] when t is not given)
+//   z          = the given noise, or the Philox stream (seed, offset) at index r * N + j
+//
+// Compiled once per instruction set; the DEFAULT build also holds the op entry points.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <diffcore/checks.h>
+#include <diffcore/cpu_isa.h>
+
+#include <optional>
+#include <vector>
+
+#include "philox_vec.h"
+
+namespace diffcore::cpu {
+
+// Raw views of the step's operands: (rows, cols) with unit column stride, row strides in elements.
+struct StepOperands {
+  int64_t rows = 0, cols = 0;
+  void* out = nullptr;
+  int64_t out_stride = 0;
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* f = nullptr;  // model output; null for q_sample
+  int64_t f_stride = 0;
+  const void* u = nullptr;  // unconditional model output; null without guidance
+  int64_t u_stride = 0;
+  const void* noise = nullptr;  // given noise; null for seeded or noiseless steps
+  int64_t noise_stride = 0;
+  const float* coef = nullptr;  // (rows, 3): a, b, c
+  float guidance = 0.0f;
+  bool seeded = false;
+  uint64_t seed = 0, offset = 0;
+};
+
+inline namespace CPU_CAPABILITY {
+
+template <typename T>
+inline void load2(const T* p, FVec& lo, FVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo = FVec::loadu(p);
+    hi = FVec::loadu(p + kLanes);
+  } else {
+    at::vec::load_to_float<T>(p, lo, hi);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const FVec& lo, const FVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo.store(p);
+    hi.store(p + kLanes);
+  } else {
+    at::vec::convert_from_float<T>(lo, hi).store(p);
+  }
+}
+
+// One row segment of n elements. ZT is the noise's element type (float for the Philox buffer).
+template <typename T, typename ZT, bool kHasF, bool kHasU, bool kHasZ>
+void step_segment(T* out, const T* x, const T* f, const T* u, const ZT* z, int64_t n, float a,
+                  float b, float c, float w) {
+  const FVec va(a), vb(b), vc(c), vw(w), vw1(1.0f + w);
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    FVec x0, x1;
+    load2(x + j, x0, x1);
+    FVec r0 = va * x0, r1 = va * x1;
+    if constexpr (kHasF) {
+      FVec f0, f1;
+      load2(f + j, f0, f1);
+      if constexpr (kHasU) {
+        FVec u0, u1;
+        load2(u + j, u0, u1);
+        f0 = vw1 * f0 - vw * u0;
+        f1 = vw1 * f1 - vw * u1;
+      }
+      r0 = r0 + vb * f0;
+      r1 = r1 + vb * f1;
+    }
+    if constexpr (kHasZ) {
+      FVec z0, z1;
+      load2(z + j, z0, z1);
+      r0 = r0 + vc * z0;
+      r1 = r1 + vc * z1;
+    }
+    store2(out + j, r0, r1);
+  }
+  for (; j < n; ++j) {
+    float r = a * static_cast<float>(x[j]);
+    if constexpr (kHasF) {
+      float fv = static_cast<float>(f[j]);
+      if constexpr (kHasU) fv = (1.0f + w) * fv - w * static_cast<float>(u[j]);
+      r = r + b * fv;
+    }
+    if constexpr (kHasZ) r = r + c * static_cast<float>(z[j]);
+    out[j] = static_cast<T>(r);
+  }
+}
+
+// Picks the instantiation for the operands present; all share one signature.
+template <typename T, typename ZT, bool kHasZ>
+auto segment_fn(bool has_f, bool has_u) {
+  using Fn = void (*)(T*, const T*, const T*, const T*, const ZT*, int64_t, float, float, float,
+                      float);
+  if (!has_f) return static_cast<Fn>(&step_segment<T, ZT, false, false, kHasZ>);
+  if (!has_u) return static_cast<Fn>(&step_segment<T, ZT, true, false, kHasZ>);
+  return static_cast<Fn>(&step_segment<T, ZT, true, true, kHasZ>);
+}
+
+void diffusion_step_kernel(const StepOperands& op, at::ScalarType dtype) {
+  constexpr int64_t kBlock = 2048;  // elements of one row per task; the Philox buffer lives on the stack
+  const int64_t blocks_per_row = (op.cols + kBlock - 1) / kBlock;
+  const int64_t tasks = op.rows * blocks_per_row;
+  const int64_t grain = std::max<int64_t>(1, 32768 / kBlock);
+  DIFFCORE_DISPATCH_FEATURE_TYPES(dtype, "diffusion_step", [&] {
+    using T = scalar_t;
+    const bool has_f = op.f != nullptr, has_u = op.u != nullptr;
+    const auto given = segment_fn<T, T, true>(has_f, has_u);
+    const auto drawn = segment_fn<T, float, true>(has_f, has_u);
+    const auto silent = segment_fn<T, T, false>(has_f, has_u);
+    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      alignas(64) float z[kBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r = task / blocks_per_row;
+        const int64_t j0 = (task % blocks_per_row) * kBlock;
+        const int64_t n = std::min(kBlock, op.cols - j0);
+        const float a = op.coef[3 * r], b = op.coef[3 * r + 1], c = op.coef[3 * r + 2];
+        T* out = static_cast<T*>(op.out) + r * op.out_stride + j0;
+        const T* x = static_cast<const T*>(op.x) + r * op.x_stride + j0;
+        const T* f = has_f ? static_cast<const T*>(op.f) + r * op.f_stride + j0 : nullptr;
+        const T* u = has_u ? static_cast<const T*>(op.u) + r * op.u_stride + j0 : nullptr;
+        if (op.noise != nullptr && c != 0.0f) {
+          const T* zn = static_cast<const T*>(op.noise) + r * op.noise_stride + j0;
+          given(out, x, f, u, zn, n, a, b, c, op.guidance);
+        } else if (op.seeded && c != 0.0f) {
+          philox_normals(z, op.seed, op.offset, static_cast<uint64_t>(r * op.cols + j0), n);
+          drawn(out, x, f, u, z, n, a, b, c, op.guidance);
+        } else {
+          silent(out, x, f, u, nullptr, n, a, b, c, op.guidance);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace diffcore::cpu
+
+#if defined(DIFFCORE_CPU_ENTRY)
+DIFFCORE_ISA_DECLARE(void diffusion_step_kernel(const diffcore::cpu::StepOperands&, at::ScalarType))
+
+namespace diffcore::cpu {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// Per-row float32 coefficients: table[t[r]] (t given, numel 1 or rows), else table[r] or table[0].
+std::vector<float> gather_coefficients(const at::Tensor& table, const OptTensor& t, int64_t rows,
+                                       bool clamp_t) {
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == 3, "diffusion_step: table must be (K, 3), got ",
+              table.sizes());
+  TORCH_CHECK(table.scalar_type() == at::kDouble || table.scalar_type() == at::kFloat,
+              "diffusion_step: table must be float64 or float32, got ", table.scalar_type());
+  const at::Tensor tab = table.to(at::kDouble).contiguous();
+  const double* tp = tab.data_ptr<double>();
+  const int64_t K = tab.size(0);
+  std::vector<float> coef(static_cast<size_t>(3 * rows));
+  if (t.has_value()) {
+    TORCH_CHECK(t->scalar_type() == at::kLong, "t: expected an int64 tensor, got ", t->scalar_type());
+    TORCH_CHECK(t->numel() == 1 || t->numel() == rows, "t: expected ", rows,
+                " timesteps (one per row) or 1, got ", t->numel());
+    check_same_device(*t, table, "t", "the schedule");
+    const at::Tensor tc = t->contiguous();
+    const int64_t* ts = tc.data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t k = ts[tc.numel() == 1 ? 0 : r];
+      if (clamp_t && k >= K) k = K - 1;
+      TORCH_CHECK(k >= 0 && k < K, "t: every timestep must lie in [0, ", K, "), got t[",
+                  tc.numel() == 1 ? 0 : r, "] = ", ts[tc.numel() == 1 ? 0 : r]);
+      for (int c = 0; c < 3; ++c) coef[3 * r + c] = static_cast<float>(tp[3 * k + c]);
+    }
+  } else {
+    TORCH_CHECK(K == 1 || K == rows, "diffusion_step: without t, table needs 1 or ", rows,
+                " rows, got ", K);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int c = 0; c < 3; ++c) coef[3 * r + c] = static_cast<float>(tp[3 * (K == 1 ? 0 : r) + c]);
+  }
+  return coef;
+}
+
+// A 2-D operand with unit column stride: the tensor itself, or a contiguous copy.
+at::Tensor unit_cols(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_same_device(t, x, name, "x");
+  check_same_dtype(t, x, name, "x");
+  check_same_shape(t, x, name, "x");
+}
+
+void run_step(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond, double guidance,
+              const OptTensor& t, const at::Tensor& table, const OptTensor& noise,
+              std::optional<int64_t> seed, int64_t offset, bool clamp_t, const at::Tensor& out) {
+  check_dim(x, 2, "x");
+  check_float_dtype(x, "x");
+  if (f) check_operand(*f, x, "model_out");
+  if (f_uncond) {
+    TORCH_CHECK(f.has_value(), "uncond_out: given without model_out");
+    check_operand(*f_uncond, x, "uncond_out");
+  }
+  TORCH_CHECK(guidance == 0.0 || f_uncond.has_value(),
+              "guidance_scale: a non-zero scale needs uncond_out");
+  if (noise) check_operand(*noise, x, "noise");
+  TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
+  TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
+  check_operand(out, x, "out");
+
+  const at::Tensor xs = unit_cols(x);
+  const OptTensor fs = f ? OptTensor(unit_cols(*f)) : std::nullopt;
+  const OptTensor us = f_uncond ? OptTensor(unit_cols(*f_uncond)) : std::nullopt;
+  const OptTensor zs = noise ? OptTensor(unit_cols(*noise)) : std::nullopt;
+  const at::Tensor os = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
+  const std::vector<float> coef = gather_coefficients(table, t, x.size(0), clamp_t);
+
+  StepOperands op;
+  op.rows = x.size(0);
+  op.cols = x.size(1);
+  op.out = os.data_ptr();
+  op.out_stride = os.stride(0);
+  op.x = xs.data_ptr();
+  op.x_stride = xs.stride(0);
+  if (fs) {
+    op.f = fs->data_ptr();
+    op.f_stride = fs->stride(0);
+  }
+  if (us) {
+    op.u = us->data_ptr();
+    op.u_stride = us->stride(0);
+  }
+  if (zs) {
+    op.noise = zs->data_ptr();
+    op.noise_stride = zs->stride(0);
+  }
+  op.coef = coef.data();
+  op.guidance = static_cast<float>(guidance);
+  op.seeded = seed.has_value();
+  op.seed = static_cast<uint64_t>(seed.value_or(0));
+  op.offset = static_cast<uint64_t>(offset);
+  if (op.rows > 0 && op.cols > 0) DIFFCORE_ISA_CALL(diffusion_step_kernel, op, x.scalar_type());
+  if (!os.is_same(out)) out.copy_(os);
+}
+
+at::Tensor diffusion_step(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond,
+                          double guidance, const OptTensor& t, const at::Tensor& table,
+                          const OptTensor& noise, std::optional<int64_t> seed, int64_t offset,
+                          bool clamp_t) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out);
+  return out;
+}
+
+void diffusion_step_(at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond, double guidance,
+                     const OptTensor& t, const at::Tensor& table, const OptTensor& noise,
+                     std::optional<int64_t> seed, int64_t offset, bool clamp_t) {
+  run_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, x);
+}
+
+void diffusion_step_out(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond,
+                        double guidance, const OptTensor& t, const at::Tensor& table,
+                        const OptTensor& noise, std::optional<int64_t> seed, int64_t offset,
+                        bool clamp_t, at::Tensor& out) {
+  run_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out);
+}
+
+}  // namespace
+}  // namespace diffcore::cpu
+
+TORCH_LIBRARY_IMPL(diffcore, CPU, m) {
+  m.impl("diffusion_step", &diffcore::cpu::diffusion_step);
+  m.impl("diffusion_step_", &diffcore::cpu::diffusion_step_);
+  m.impl("diffusion_step_out", &diffcore::cpu::diffusion_step_out);
+}
+#endif

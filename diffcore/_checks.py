@@ -1,0 +1,92 @@
+"""Argument checks shared by every public function: clear errors that name the argument, what
+was expected and what came. Checks that need tensor values (timesteps in range) live in the
+kernels, so a compiled graph never breaks on them; int arguments are checked here."""
+
+from __future__ import annotations
+
+import torch
+
+FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_U64 = 1 << 64
+
+
+def float_tensor(name: str, x: object, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FEATURE_DTYPES:
+        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
+    return x
+
+
+def like(name: str, x: object, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+    """``x`` must be a tensor with ``ref``'s shape, dtype and device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {x.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
+    return x
+
+
+def timesteps(name: str, t: object, rows: int, num_steps: int, device: torch.device, clamp: bool = False) -> torch.Tensor:
+    """An int or an integer tensor of shape (rows,), (1,) or (); returned as int64 (rows,) or (1,).
+
+    Ints are range-checked here; tensor values are checked by the kernel."""
+    if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+        raise TypeError(f"{name}: expected an int or an int64 tensor, got {type(t).__name__}")
+    if isinstance(t, int):
+        if t < 0 or (t >= num_steps and not clamp):
+            raise ValueError(f"{name}: expected a timestep in [0, {num_steps}), got {t}")
+        return torch.full((1,), min(t, num_steps - 1), dtype=torch.long, device=device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of x_t), got {t.device}")
+    t = t.reshape(-1) if t.dim() == 0 else t
+    if t.dim() != 1 or t.shape[0] not in (1, rows):
+        raise ValueError(f"{name}: expected shape ({rows},) (one timestep per row) or (1,), got {tuple(t.shape)}")
+    return t.long()
+
+
+def seed_offset(seed: int | None, offset: int) -> tuple[int | None, int]:
+    """A seed in [0, 2^64) as the int64 the schema carries (two's complement), and the offset."""
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        if not -(1 << 63) <= seed < _U64:
+            raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
+        seed = seed - _U64 if seed >= 1 << 63 else seed
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset: expected an int, got {type(offset).__name__}")
+    if not 0 <= offset < 1 << 63:
+        raise ValueError(f"offset: expected an int in [0, 2**63), got {offset}")
+    return seed, offset
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share memory (conservatively: any overlap of their spans)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = t.storage_offset() * t.element_size()
+        extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else -1
+        return start, start + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def out_tensor(out: object, ref: torch.Tensor, others: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    """``out=`` must match ``ref``; it is ``ref`` itself (in place) or shares memory with no input."""
+    out = like("out", out, ref, "x_t")
+    if out is not ref and not torch.compiler.is_compiling():
+        for name, other in {"x_t": ref, **others}.items():
+            if other is not None and overlaps(out, other):
+                raise ValueError(f"out: must not share memory with {name} (only x_t may be written in place)")
+    return out

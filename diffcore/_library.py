@@ -1,0 +1,244 @@
+"""Every diffcore op, defined once: schema, fake kernel, autograd, backends and registry entries.
+
+This is the file to open first. Each op is declared with ``torch.library`` here (so it exists, and
+``torch.compile`` traces it, even when the C++ extension was not built); the C++ kernels add their
+CPU implementations from ``csrc/cpu/<family>.cpp`` when ``diffcore._C`` loads; CUDA tensors go to
+the Triton launchers in ``diffcore.kernels`` (or to the CUDA C++ kernel where one was built).
+Without ``_C``, CPU tensors fall back to the PyTorch reference with one warning.
+
+Ops (``torch.ops.diffcore.<name>``):
+
+``random_normal_(Tensor(a!) out, int seed, int offset) -> ()``
+    Fill ``out`` with the Philox normal stream (element i in row-major order; DESIGN.md "Noise").
+
+``diffusion_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t) -> Tensor``
+    (plus ``diffusion_step_``, in place on ``x``, and ``diffusion_step_out``). The fused affine
+    step behind ``q_sample``, ``p_step`` and ``ddim_step``::
+
+        f        = (1 + guidance) f - guidance f_uncond     (f_uncond optional)
+        out[r]   = a_r x[r] + b_r f[r] + c_r z[r]
+        a, b, c  = float32(table[t[r]])                      (t: (B,) or (1,); None: table[r])
+        z        = noise, or the Philox stream (seed, offset) over the (B, N) output
+
+    ``x``, ``f``, ``f_uncond``, ``noise``: (B, N), one float dtype; ``table``: (K, 3) float64 or
+    float32. ``t`` outside ``[0, K)`` raises (``clamp_t``: ``t >= K`` uses row ``K - 1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from diffcore import _registry
+from diffcore.reference import diffusion as _ref_diffusion
+from diffcore.reference import random as _ref_random
+
+_lib = torch.library.Library("diffcore", "DEF")
+
+_STEP_ARGS = (
+    "Tensor? f, Tensor? f_uncond, float guidance, Tensor? t, Tensor table, Tensor? noise, "
+    "int? seed, int offset, bool clamp_t"
+)
+_lib.define("random_normal_(Tensor(a!) out, int seed, int offset) -> ()")
+_lib.define(f"diffusion_step(Tensor x, {_STEP_ARGS}) -> Tensor")
+_lib.define(f"diffusion_step_(Tensor(a!) x, {_STEP_ARGS}) -> ()")
+_lib.define(f"diffusion_step_out(Tensor x, {_STEP_ARGS}, *, Tensor(a!) out) -> ()")
+
+STEP_OPS = ("diffusion_step", "diffusion_step_", "diffusion_step_out")
+
+
+# --- fake kernels -------------------------------------------------------------------------------
+@torch.library.register_fake("diffcore::random_normal_")
+def _(out, seed, offset):
+    return None
+
+
+@torch.library.register_fake("diffcore::diffusion_step")
+def _(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("diffcore::diffusion_step_")
+def _(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t):
+    return None
+
+
+@torch.library.register_fake("diffcore::diffusion_step_out")
+def _(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, *, out):
+    return None
+
+
+# --- autograd: out = a x + b ((1 + w) f - w u) + c z is linear in every tensor input -----------
+def _step_setup_context(ctx, inputs, output):
+    x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t = inputs
+    ctx.save_for_backward(t, table)
+    ctx.guidance, ctx.clamp_t = guidance, clamp_t
+    ctx.rows = x.shape[0]
+    ctx.present = (f is not None, f_uncond is not None, noise is not None)
+
+
+def _step_backward(ctx, grad):
+    t, table = ctx.saved_tensors
+    if t is None:
+        coef = table.float().expand(ctx.rows, 3)
+    else:
+        t = t.expand(ctx.rows)
+        coef = table[t.clamp(max=table.shape[0] - 1) if ctx.clamp_t else t].float()
+    a, b, c = (coef[:, k : k + 1] for k in range(3))
+    has_f, has_u, has_noise = ctx.present
+    w = ctx.guidance
+    grad_x = (a * grad).to(grad.dtype)
+    grad_f = ((b * (1 + w) if has_u else b) * grad).to(grad.dtype) if has_f else None
+    grad_u = (-(b * w) * grad).to(grad.dtype) if has_u else None
+    grad_noise = (c * grad).to(grad.dtype) if has_noise else None
+    return grad_x, grad_f, grad_u, None, None, None, grad_noise, None, None, None
+
+
+torch.library.register_autograd(
+    "diffcore::diffusion_step", _step_backward, setup_context=_step_setup_context
+)
+
+
+# --- the C++ extension --------------------------------------------------------------------------
+def _load_extension() -> tuple[object | None, str | None]:
+    if os.environ.get("DIFFCORE_NO_EXT"):
+        return None, "DIFFCORE_NO_EXT is set"
+    try:
+        from diffcore import _C
+    except ImportError as exc:
+        return None, f"diffcore._C did not load ({exc})"
+    return _C, None
+
+
+_C, EXTENSION_MISSING = _load_extension()
+HAS_CUDA_BINDING = bool(_C is not None and getattr(_C, "has_cuda", lambda: False)())
+
+
+def cpu_isa() -> str | None:
+    """The instruction-set build the C++ CPU kernels run (``AVX512``, ``AVX2``, ``DEFAULT``)."""
+    return None if _C is None else _C.cpu_isa()
+
+
+# --- implementations ----------------------------------------------------------------------------
+def _extension_reason(device: torch.device) -> str | None:
+    return EXTENSION_MISSING
+
+
+@functools.cache
+def _triton_reason(device_type: str) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    return _triton_reason(device.type)
+
+
+def _cuda_unavailable(device: torch.device) -> str | None:
+    if not HAS_CUDA_BINDING:
+        return "the CUDA binding is built only against a CUDA build of torch"
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+def _kernels(name: str):
+    import importlib
+
+    return importlib.import_module(f"diffcore.kernels.{name}")
+
+
+def _reference_step_out(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out):
+    out.copy_(_ref_diffusion.step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t))
+
+
+def _cpu_step_out(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out):
+    args = (f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t)
+    if out is x:
+        torch.ops.diffcore.diffusion_step_(x, *args)
+    else:
+        torch.ops.diffcore.diffusion_step_out(x, *args, out=out)
+
+
+def _triton_step_out(*args):
+    _kernels("diffusion").diffusion_step_out(*args)
+
+
+def _triton_random_normal(out, seed, offset):
+    _kernels("random").random_normal_(out, seed, offset)
+
+
+def _cuda_random_normal(out, seed, offset):
+    torch.ops.diffcore.random_normal_(out, seed, offset)
+
+
+_registry.register("random_normal", "reference", _ref_random.random_normal_, devices=("cpu", "cuda"))
+_registry.register(
+    "random_normal", "cpu", torch.ops.diffcore.random_normal_, devices=("cpu",), unavailable=_extension_reason
+)
+_registry.register(
+    "random_normal", "triton", _triton_random_normal, devices=("cpu", "cuda"), unavailable=_triton_unavailable
+)
+_registry.register(
+    "random_normal", "cuda", _cuda_random_normal, devices=("cuda",), unavailable=_cuda_unavailable
+)
+_registry.register("diffusion_step", "reference", _reference_step_out, devices=("cpu", "cuda"))
+_registry.register(
+    "diffusion_step", "cpu", _cpu_step_out, devices=("cpu",), unavailable=_extension_reason
+)
+_registry.register(
+    "diffusion_step", "triton", _triton_step_out, devices=("cpu", "cuda"), unavailable=_triton_unavailable
+)
+
+
+# --- dispatch of the ops to Python backends -----------------------------------------------------
+def _step_functional(impl):
+    def run(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        impl(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out)
+        return out
+
+    return run
+
+
+def _step_inplace(impl):
+    def run(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t):
+        impl(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, x)
+
+    return run
+
+
+def _step_out(impl):
+    def run(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, *, out):
+        impl(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out)
+
+    return run
+
+
+def _register_backend(key: str, step_impl, random_impl) -> None:
+    for op, wrap in zip(STEP_OPS, (_step_functional, _step_inplace, _step_out)):
+        _lib.impl(op, wrap(step_impl), key)
+    _lib.impl("random_normal_", random_impl, key)
+
+
+if _C is None:
+    warnings.warn(
+        f"diffcore: {EXTENSION_MISSING}; CPU ops run the PyTorch reference (slow). "
+        "Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _register_backend("CPU", _reference_step_out, _ref_random.random_normal_)
+if not HAS_CUDA_BINDING:
+    _register_backend("CUDA", _triton_step_out, _triton_random_normal)
+else:
+    for _op, _wrap in zip(STEP_OPS, (_step_functional, _step_inplace, _step_out)):
+        _lib.impl(_op, _wrap(_triton_step_out), "CUDA")

@@ -1,0 +1,92 @@
+"""The registry of implementations: every op's backends, reachable by name.
+
+Each op (``diffusion_step``, ``random_normal``, ...) has one entry per backend: ``reference``
+(pure PyTorch, the meaning), ``cpu`` (C++), ``triton`` and ``cuda``. Tests, the bench and the parity
+command enumerate :func:`implementations` instead of hard-coding lists, so a backend is tested the
+moment it is registered, and one that cannot run here is reported with its reason.
+
+An implementation's calling convention is the op's *out form*: the op's arguments followed by
+``out``, a preallocated tensor it writes (``out`` may be the first input for in-place use).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["Implementation", "register", "implementations", "get", "forced", "use"]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    op: str
+    name: str
+    fn: Callable[..., None]
+    # Returns None when the implementation can run on `device`, else the reason it cannot.
+    unavailable: Callable[[torch.device], str | None]
+    devices: tuple[str, ...]
+
+    def reason(self, device: torch.device | str = "cpu") -> str | None:
+        device = torch.device(device)
+        if device.type not in self.devices:
+            return f"{self.name} does not run on {device.type} tensors"
+        return self.unavailable(device)
+
+    def __call__(self, *args, **kwargs) -> None:
+        self.fn(*args, **kwargs)
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("diffcore_impl", default=None)
+
+
+def register(
+    op: str,
+    name: str,
+    fn: Callable[..., None],
+    *,
+    devices: tuple[str, ...],
+    unavailable: Callable[[torch.device], str | None] = lambda device: None,
+) -> None:
+    _REGISTRY.setdefault(op, {})[name] = Implementation(op, name, fn, unavailable, devices)
+
+
+def implementations(op: str) -> dict[str, Implementation]:
+    """Every registered implementation of ``op``, by name (live or not: ask ``.reason(device)``)."""
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown op {op!r}; registered ops: {sorted(_REGISTRY)}")
+    return dict(_REGISTRY[op])
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(op: str, name: str) -> Implementation:
+    impls = implementations(op)
+    if name not in impls:
+        raise KeyError(f"{op} has no implementation {name!r}; it has {sorted(impls)}")
+    return impls[name]
+
+
+def forced() -> str | None:
+    """The implementation name forced by :func:`use`, or None (normal dispatch)."""
+    return _FORCED.get()
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Route diffcore's public functions through the implementation ``name`` instead of the
+    dispatcher, e.g. ``with diffcore.use("triton"): diffcore.p_step(...)`` on CPU tensors runs the
+    Triton kernel (under ``TRITON_INTERPRET=1``). Used by tests, bench and parity."""
+    if name not in {n for impls in _REGISTRY.values() for n in impls}:
+        raise ValueError(f"use: unknown implementation {name!r}")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)

@@ -1,0 +1,50 @@
+"""The Philox4x32-10 normal stream that every diffcore op draws its noise from.
+
+``randn(shape, seed=s, offset=o)`` returns exactly the noise a seeded op with the same
+``(seed, offset)`` adds to its (row-major) output, so seeded results can be reproduced or
+inspected with the noise made explicit. The stream is defined in DESIGN.md "Noise" and in
+``diffcore.reference.random``; values agree across backends to a few ulp of log/sin/cos and do
+not depend on thread count or block size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffcore import _checks, _registry
+from diffcore import _library  # noqa: F401  (defines the ops)
+
+__all__ = ["randn", "randn_"]
+
+
+def randn_(out: torch.Tensor, *, seed: int, offset: int = 0) -> torch.Tensor:
+    """Fills ``out`` (any shape; float32, float16 or bfloat16) with the stream; returns ``out``."""
+    _checks.float_tensor("out", out)
+    seed, offset = _checks.seed_offset(seed, offset)
+    if seed is None:
+        raise TypeError("seed: expected an int, got None")
+    name = _registry.forced()
+    if name is None:
+        torch.ops.diffcore.random_normal_(out, seed, offset)
+    else:
+        impl = _registry.get("random_normal", name)
+        reason = impl.reason(out.device)
+        if reason is not None:
+            raise RuntimeError(f"random_normal: implementation {name!r} cannot run here: {reason}")
+        impl(out, seed, offset)
+    return out
+
+
+def randn(
+    *shape: int,
+    seed: int,
+    offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A new tensor of ``shape`` holding elements ``0 .. numel-1`` of the stream ``(seed, offset)``."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = tuple(shape[0])
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+        raise ValueError(f"shape: expected non-negative ints, got {shape}")
+    return randn_(torch.empty(shape, dtype=dtype, device=device), seed=seed, offset=offset)

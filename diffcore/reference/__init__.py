@@ -1,0 +1,5 @@
+"""Pure-PyTorch references: the meaning of every diffcore op, one module per family."""
+
+from diffcore.reference import diffusion, random
+
+__all__ = ["diffusion", "random"]

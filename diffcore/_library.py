@@ -104,9 +104,21 @@ torch.library.register_autograd(
 
 # --- the C++ extension --------------------------------------------------------------------------
 def _load_extension() -> tuple[object | None, str | None]:
+    """``diffcore._C``, or the build at ``DIFFCORE_EXT_PATH`` (a .so: a development build tried
+    without reinstalling), or None and the reason."""
     if os.environ.get("DIFFCORE_NO_EXT"):
         return None, "DIFFCORE_NO_EXT is set"
+    path = os.environ.get("DIFFCORE_EXT_PATH")
     try:
+        if path:
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location("diffcore._C", path)
+            if spec is None or spec.loader is None:
+                return None, f"DIFFCORE_EXT_PATH={path} is not a loadable extension"
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module, None
         from diffcore import _C
     except ImportError as exc:
         return None, f"diffcore._C did not load ({exc})"
@@ -200,6 +212,16 @@ _registry.register(
 
 
 # --- dispatch of the ops to Python backends -----------------------------------------------------
+def impl_python(op: str, fn, *, cpu_fallback, cuda) -> None:
+    """Registers the Python backends of ``op``: ``cpu_fallback`` for CPU tensors when ``_C`` is
+    missing (the reference), ``cuda`` (a Triton launcher) for CUDA tensors unless the CUDA C++
+    binding registered one."""
+    if _C is None and cpu_fallback is not None:
+        _lib.impl(op, fn(cpu_fallback), "CPU")
+    if cuda is not None:
+        _lib.impl(op, fn(cuda), "CUDA")
+
+
 def _step_functional(impl):
     def run(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t):
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -223,11 +245,16 @@ def _step_out(impl):
     return run
 
 
-def _register_backend(key: str, step_impl, random_impl) -> None:
-    for op, wrap in zip(STEP_OPS, (_step_functional, _step_inplace, _step_out)):
-        _lib.impl(op, wrap(step_impl), key)
-    _lib.impl("random_normal_", random_impl, key)
+def _as_is(impl):
+    return impl
 
+
+for _op, _wrap in zip(STEP_OPS, (_step_functional, _step_inplace, _step_out)):
+    impl_python(_op, _wrap, cpu_fallback=_reference_step_out, cuda=_triton_step_out)
+impl_python(
+    "random_normal_", _as_is, cpu_fallback=_ref_random.random_normal_,
+    cuda=None if HAS_CUDA_BINDING else _triton_random_normal,
+)
 
 if _C is None:
     warnings.warn(
@@ -236,9 +263,6 @@ if _C is None:
         RuntimeWarning,
         stacklevel=2,
     )
-    _register_backend("CPU", _reference_step_out, _ref_random.random_normal_)
-if not HAS_CUDA_BINDING:
-    _register_backend("CUDA", _triton_step_out, _triton_random_normal)
-else:
-    for _op, _wrap in zip(STEP_OPS, (_step_functional, _step_inplace, _step_out)):
-        _lib.impl(_op, _wrap(_triton_step_out), "CUDA")
+
+# Families append their section below: schemas (_lib.define), fake kernels, autograd, registry
+# entries (_registry.register) and Python backends (impl_python), in that order.

@@ -1,9 +1,9 @@
 // The Philox normal stream (diffcore/philox.h), vectorised for the CPU kernels.
 //
 // Included only by per-instruction-set kernel files, inside their CPU_CAPABILITY namespace, so each
-// build gets its own copy. Counters are computed a vector of lanes at a time (the 32x32->64
-// multiplies auto-vectorise to vpmuludq), and log/sin/cos go through at::vec, which calls SLEEF's
-// vector functions in the AVX2 and AVX512 builds. The values equal the scalar definition to a few
+// build gets its own copy. The AVX2 and AVX512 builds run kLanes Philox counters at once with
+// 32x32->64 multiplies (vpmuludq) and SLEEF's vector log and sincos (exported by libtorch_cpu);
+// the DEFAULT build runs the scalar definition. The values equal the scalar definition to a few
 // ulp of log/sin/cos.
 #pragma once
 
@@ -12,6 +12,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#include <sleef.h>
+#endif
 
 namespace diffcore::cpu {
 inline namespace CPU_CAPABILITY {
@@ -19,55 +25,131 @@ inline namespace CPU_CAPABILITY {
 using FVec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = FVec::size();
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// 32-bit lane operations of one instruction set, named once so the generator is written once.
+#if defined(CPU_CAPABILITY_AVX512)
+using UVec = __m512i;
+inline UVec u_set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+inline UVec u_xor(UVec a, UVec b) { return _mm512_xor_si512(a, b); }
+inline UVec u_mullo(UVec a, UVec b) { return _mm512_mullo_epi32(a, b); }
+inline UVec u_mulhi(UVec a, UVec b) {
+  const UVec even = _mm512_srli_epi64(_mm512_mul_epu32(a, b), 32);
+  const UVec odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
+  return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+}
+inline UVec u_counter_lo(uint64_t first) {  // low words of first + 0 .. 15
+  return _mm512_add_epi32(u_set1(static_cast<uint32_t>(first)),
+                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+inline __m512 u_top24_to_float(UVec w) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)); }
+inline FVec vlog(const FVec& x) { return Sleef_logf16_u10(x); }
+inline void vsincos(const FVec& x, FVec& s, FVec& c) {
+  const Sleef___m512_2 r = Sleef_sincosf16_u10(x);
+  s = r.x;
+  c = r.y;
+}
+// Stores element 4 l + k = z_k[l]: (z0, z1) and (z2, z3) interleave into pairs, pairs into quads
+// (one per group, in 128-bit lanes holding groups l, l + 4, ...), then a 4x4 transpose of lanes.
+inline void store_interleaved(float* out, __m512 z0, __m512 z1, __m512 z2, __m512 z3) {
+  const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(z0, z1));
+  const __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(z0, z1));
+  const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(z2, z3));
+  const __m512d t3 = _mm512_castps_pd(_mm512_unpackhi_ps(z2, z3));
+  const __m512 q0 = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+  const __m512 q1 = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+  const __m512 q2 = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+  const __m512 q3 = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  const __m512 a = _mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 b = _mm512_shuffle_f32x4(q2, q3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 c = _mm512_shuffle_f32x4(q0, q1, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 d = _mm512_shuffle_f32x4(q2, q3, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm512_storeu_ps(out, _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+  _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(2, 0, 2, 0)));
+  _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#else
+using UVec = __m256i;
+inline UVec u_set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+inline UVec u_xor(UVec a, UVec b) { return _mm256_xor_si256(a, b); }
+inline UVec u_mullo(UVec a, UVec b) { return _mm256_mullo_epi32(a, b); }
+inline UVec u_mulhi(UVec a, UVec b) {
+  const UVec even = _mm256_srli_epi64(_mm256_mul_epu32(a, b), 32);
+  const UVec odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
+  return _mm256_blend_epi32(even, odd, 0xAA);
+}
+inline UVec u_counter_lo(uint64_t first) {  // low words of first + 0 .. 7
+  return _mm256_add_epi32(u_set1(static_cast<uint32_t>(first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 u_top24_to_float(UVec w) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)); }
+inline FVec vlog(const FVec& x) { return Sleef_logf8_u10(x); }
+inline void vsincos(const FVec& x, FVec& s, FVec& c) {
+  const Sleef___m256_2 r = Sleef_sincosf8_u10(x);
+  s = r.x;
+  c = r.y;
+}
+inline void store_interleaved(float* out, __m256 z0, __m256 z1, __m256 z2, __m256 z3) {
+  const __m256d t0 = _mm256_castps_pd(_mm256_unpacklo_ps(z0, z1));
+  const __m256d t1 = _mm256_castps_pd(_mm256_unpackhi_ps(z0, z1));
+  const __m256d t2 = _mm256_castps_pd(_mm256_unpacklo_ps(z2, z3));
+  const __m256d t3 = _mm256_castps_pd(_mm256_unpackhi_ps(z2, z3));
+  const __m256 q0 = _mm256_castpd_ps(_mm256_unpacklo_pd(t0, t2));
+  const __m256 q1 = _mm256_castpd_ps(_mm256_unpackhi_pd(t0, t2));
+  const __m256 q2 = _mm256_castpd_ps(_mm256_unpacklo_pd(t1, t3));
+  const __m256 q3 = _mm256_castpd_ps(_mm256_unpackhi_pd(t1, t3));
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(q0, q1, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(q2, q3, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(q0, q1, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(q2, q3, 0x31));
+}
+#endif
+
 // Writes the 4 * kLanes normals of the groups g0 .. g0 + kLanes - 1 (elements 4 g0 .. ) to out.
 inline void philox_normal_groups(float* out, uint64_t seed, uint64_t offset, uint64_t g0) {
-  alignas(64) uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const uint64_t counter = offset + g0 + static_cast<uint64_t>(l);
-    x0[l] = static_cast<uint32_t>(counter);
-    x1[l] = static_cast<uint32_t>(counter >> 32);
-    x2[l] = 0u;
-    x3[l] = 0u;
+  const uint64_t first = offset + g0;
+  UVec x0 = u_counter_lo(first);
+  // The high word is constant over the lanes unless the low word wraps inside the batch.
+  alignas(64) uint32_t lo[kLanes], hi[kLanes];
+  _mm_prefetch(reinterpret_cast<const char*>(out), _MM_HINT_T0);
+  UVec x1;
+  if (static_cast<uint32_t>(first) <= 0xFFFFFFFFu - static_cast<uint32_t>(kLanes - 1)) {
+    x1 = u_set1(static_cast<uint32_t>(first >> 32));
+  } else {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const uint64_t c = first + static_cast<uint64_t>(l);
+      lo[l] = static_cast<uint32_t>(c);
+      hi[l] = static_cast<uint32_t>(c >> 32);
+    }
+    std::memcpy(&x0, lo, sizeof(x0));
+    std::memcpy(&x1, hi, sizeof(x1));
   }
+  UVec x2 = u_set1(0u), x3 = u_set1(0u);
+  const UVec m0 = u_set1(kPhiloxM0), m1 = u_set1(kPhiloxM1);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * x0[l];
-      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * x2[l];
-      const uint32_t y0 = static_cast<uint32_t>(p1 >> 32) ^ x1[l] ^ k0;
-      const uint32_t y2 = static_cast<uint32_t>(p0 >> 32) ^ x3[l] ^ k1;
-      x1[l] = static_cast<uint32_t>(p1);
-      x3[l] = static_cast<uint32_t>(p0);
-      x0[l] = y0;
-      x2[l] = y2;
-    }
+    const UVec hi0 = u_mulhi(x0, m0), lo0 = u_mullo(x0, m0);
+    const UVec hi1 = u_mulhi(x2, m1), lo1 = u_mullo(x2, m1);
+    x0 = u_xor(u_xor(hi1, x1), u_set1(k0));
+    x1 = lo1;
+    x2 = u_xor(u_xor(hi0, x3), u_set1(k1));
+    x3 = lo0;
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
-  alignas(64) float u01[kLanes], v1[kLanes], u23[kLanes], v3[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) {
-    u01[l] = static_cast<float>(static_cast<int32_t>(x0[l] >> 8));
-    v1[l] = static_cast<float>(static_cast<int32_t>(x1[l] >> 8));
-    u23[l] = static_cast<float>(static_cast<int32_t>(x2[l] >> 8));
-    v3[l] = static_cast<float>(static_cast<int32_t>(x3[l] >> 8));
-  }
   const FVec half(0.5f), scale(kTwoPow24Inv), minus_two(-2.0f), two_pi_scale(kTwoPi * kTwoPow24Inv);
-  const FVec r01 = (minus_two * ((FVec::loadu(u01) + half) * scale).log()).sqrt();
-  const FVec r23 = (minus_two * ((FVec::loadu(u23) + half) * scale).log()).sqrt();
-  const FVec a1 = FVec::loadu(v1) * two_pi_scale;
-  const FVec a3 = FVec::loadu(v3) * two_pi_scale;
-  alignas(64) float z0[kLanes], z1[kLanes], z2[kLanes], z3[kLanes];
-  (r01 * a1.cos()).store(z0);
-  (r01 * a1.sin()).store(z1);
-  (r23 * a3.cos()).store(z2);
-  (r23 * a3.sin()).store(z3);
-  for (int64_t l = 0; l < kLanes; ++l) {
-    out[4 * l + 0] = z0[l];
-    out[4 * l + 1] = z1[l];
-    out[4 * l + 2] = z2[l];
-    out[4 * l + 3] = z3[l];
-  }
+  const FVec r01 = (minus_two * vlog((FVec(u_top24_to_float(x0)) + half) * scale)).sqrt();
+  const FVec r23 = (minus_two * vlog((FVec(u_top24_to_float(x2)) + half) * scale)).sqrt();
+  FVec s1, c1, s3, c3;
+  vsincos(FVec(u_top24_to_float(x1)) * two_pi_scale, s1, c1);
+  vsincos(FVec(u_top24_to_float(x3)) * two_pi_scale, s3, c3);
+  store_interleaved(out, r01 * c1, r01 * s1, r23 * c3, r23 * s3);
 }
+#else
+// Portable build: the scalar definition, group by group.
+inline void philox_normal_groups(float* out, uint64_t seed, uint64_t offset, uint64_t g0) {
+  for (int64_t k = 0; k < 4 * kLanes; ++k) out[k] = philox_normal(seed, offset, 4 * g0 + static_cast<uint64_t>(k));
+}
+#endif
 
 // Writes the normals of logical elements first .. first + n - 1 of stream (seed, offset) to out.
 inline void philox_normals(float* out, uint64_t seed, uint64_t offset, uint64_t first, int64_t n) {

@@ -12,7 +12,6 @@ An implementation's calling convention is the op's *out form*: the op's argument
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -41,7 +40,8 @@ class Implementation:
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("diffcore_impl", default=None)
+# The implementation forced by `use` (process-wide; a plain global so torch.compile can read it).
+_forced_name: str | None = None
 
 
 def register(
@@ -75,7 +75,7 @@ def get(op: str, name: str) -> Implementation:
 
 def forced() -> str | None:
     """The implementation name forced by :func:`use`, or None (normal dispatch)."""
-    return _FORCED.get()
+    return _forced_name
 
 
 @contextlib.contextmanager
@@ -85,8 +85,9 @@ def use(name: str) -> Iterator[None]:
     Triton kernel (under ``TRITON_INTERPRET=1``). Used by tests, bench and parity."""
     if name not in {n for impls in _REGISTRY.values() for n in impls}:
         raise ValueError(f"use: unknown implementation {name!r}")
-    token = _FORCED.set(name)
+    global _forced_name
+    previous, _forced_name = _forced_name, name
     try:
         yield
     finally:
-        _FORCED.reset(token)
+        _forced_name = previous

@@ -1,0 +1,455 @@
+"""Reverse-diffusion family: every implementation against the DiffRec-style reference, the public
+API's modes, gradients, opcheck, compile, the sampling loop and bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from utils import DTYPES, assert_close_to_reference, impl_params, strided_rows
+
+import diffcore
+from diffcore.reference import diffusion as ref
+from diffcore.reference.random import normal
+
+SHAPES = [(3, 2810), (7, 1001), (1, 1), (5, 64)]
+TRITON_SHAPES = [(3, 37), (2, 1001)]  # the interpreter is slow: small shapes
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return diffcore.Schedule.linear_var(40, 0.1, 0.0005, 0.005)
+
+
+def shapes_for(name):
+    return TRITON_SHAPES if name == "triton" else SHAPES
+
+
+def make(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(dtype) for _ in range(4)]
+
+
+def timesteps(kind, rows, T, seed=0):
+    if kind == "int":
+        return 17
+    if kind == "zero":
+        return 0
+    if kind == "row":
+        return torch.randint(0, T, (rows,), generator=torch.Generator().manual_seed(seed))
+    return torch.tensor([T - 1])
+
+
+def run_p_step(name, x, m, t, schedule, **kwargs):
+    with diffcore.use(name):
+        return diffcore.p_step(x, m, t, schedule, **kwargs)
+
+
+# --- parity: every implementation x dtype x shape x layout x timesteps x mode ------------------
+@pytest.mark.parametrize("name", impl_params("diffusion_step"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "row_stride", "column_major"])
+@pytest.mark.parametrize("t_kind", ["int", "row", "last", "zero"])
+def test_p_step_matches_reference(name, dtype, layout, t_kind, schedule):
+    for shape in shapes_for(name):
+        x, m, u, z = make(shape, torch.float32)
+        t = timesteps(t_kind, shape[0], schedule.num_steps)
+        want = ref.p_step(x, m, t, schedule, noise=z)
+        low = [v.to(dtype) for v in (x, m, z)]
+        same_dtype = ref.p_step(*low[:2], t, schedule, noise=low[2]).to(dtype)
+        xs, ms, zs = (strided_rows(v, layout) for v in low)
+        got = run_p_step(name, xs, ms, t, schedule, noise=zs)
+        assert got.dtype == dtype and got.shape == shape
+        assert_close_to_reference(got, want, same_dtype)
+
+
+@pytest.mark.parametrize("name", impl_params("diffusion_step"))
+@pytest.mark.parametrize("prediction", ["x0", "eps"])
+@pytest.mark.parametrize("variance", ["posterior", "beta", "none"])
+@pytest.mark.parametrize("guidance", [0.0, 2.5])
+def test_p_step_modes(name, prediction, variance, guidance, schedule):
+    shape = shapes_for(name)[1]
+    x, m, u, z = make(shape, torch.float32, seed=1)
+    t = timesteps("row", shape[0], schedule.num_steps, seed=2)
+    kwargs = dict(prediction=prediction, variance=variance, noise=z)
+    if guidance:
+        kwargs.update(uncond_out=u, guidance_scale=guidance)
+    want = ref.p_step(x, m, t, schedule, **kwargs)
+    got = run_p_step(name, x, m, t, schedule, **kwargs)
+    # eps folds two float64 coefficients into one (diffusion.py): agreement is to float32 rounding
+    # of the largest intermediate, sqrt(1/ab) x.
+    scale = schedule.sqrt_recip_alphas_cumprod.max().item() if prediction == "eps" else 1.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * scale * (1 + guidance))
+
+
+@pytest.mark.parametrize("name", impl_params("diffusion_step"))
+@pytest.mark.parametrize("seed", [0, 2**64 - 1])
+def test_seeded_p_step_is_the_reference_stream(name, seed, schedule):
+    shape = shapes_for(name)[1]
+    x, m, _, _ = make(shape, torch.float32, seed=3)
+    t = timesteps("row", shape[0], schedule.num_steps, seed=4)
+    got = run_p_step(name, x, m, t, schedule, seed=seed, offset=11)
+    z = normal(x.numel(), seed, 11).reshape(shape)
+    torch.testing.assert_close(got, ref.p_step(x, m, t, schedule, noise=z), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", impl_params("diffusion_step"))
+def test_q_sample_matches_reference(name, schedule):
+    shape = shapes_for(name)[0]
+    x, _, _, z = make(shape, torch.float32, seed=5)
+    t = timesteps("row", shape[0], schedule.num_steps, seed=6)
+    with diffcore.use(name):
+        given = diffcore.q_sample(x, t, schedule, noise=z)
+        seeded = diffcore.q_sample(x, t, schedule, seed=9)
+    torch.testing.assert_close(given, ref.q_sample(x, t, schedule, z), rtol=1e-5, atol=1e-6)
+    z9 = normal(x.numel(), 9, 0).reshape(shape)
+    torch.testing.assert_close(seeded, ref.q_sample(x, t, schedule, z9), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", impl_params("diffusion_step"))
+@pytest.mark.parametrize("prediction", ["x0", "eps"])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+@pytest.mark.parametrize("steps", [(30, 20), (5, -1), (0, -1)])
+def test_ddim_step_matches_reference(name, prediction, eta, steps, schedule):
+    shape = shapes_for(name)[1]
+    x, m, _, z = make(shape, torch.float64, seed=7)
+    t, t_prev = steps
+    with diffcore.use(name):
+        got = diffcore.ddim_step(x.float(), m.float(), t, t_prev, schedule, eta=eta, prediction=prediction, noise=z.float())
+    # The truth is DDIM in float64 throughout. The reference (guided-diffusion's style, tables
+    # gathered then cast to float32) is off by up to ~1e-4 in "x0" mode here: eps = (x - sqrt(ab) x0)
+    # / sqrt(1 - ab) amplifies the cast near small t; the fused float64 coefficients do not.
+    exact = ddim_float64(x, m, z, t, t_prev, schedule, eta, prediction)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=2e-6 * exact.abs().max().item())
+    loose = ref.ddim_step(x.float(), m.float(), t, t_prev, schedule, eta=eta, prediction=prediction, noise=z.float())
+    torch.testing.assert_close(got, loose, rtol=1e-3, atol=1e-3)
+
+
+def ddim_float64(x, m, z, t, t_prev, schedule, eta, prediction):
+    ab = schedule.alphas_cumprod[t]
+    ab_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+    if prediction == "x0":
+        x0, eps = m, (x - ab.sqrt() * m) / (1 - ab).sqrt()
+    else:
+        x0, eps = (x - (1 - ab).sqrt() * m) / ab.sqrt(), m
+    sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+    out = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).sqrt() * eps
+    return out + sigma * z if t > 0 else out
+
+
+def test_ddim_tensor_timesteps_match_ints(schedule):
+    x, m, _, z = make((4, 33), torch.float32, seed=8)
+    by_int = diffcore.ddim_step(x, m, 12, 8, schedule, eta=0.3, noise=z)
+    by_tensor = diffcore.ddim_step(x, m, torch.full((4,), 12), torch.full((4,), 8), schedule, eta=0.3, noise=z)
+    torch.testing.assert_close(by_int, by_tensor, rtol=0, atol=0)
+
+
+# --- in place, out=, dispatch -------------------------------------------------------------------
+def test_in_place_and_out_equal_functional(schedule):
+    x, m, u, z = make((6, 777), torch.float32, seed=9)
+    kwargs = dict(uncond_out=u, guidance_scale=1.5, noise=z)
+    want = diffcore.p_step(x, m, 3, schedule, **kwargs)
+    out = torch.empty_like(x)
+    assert diffcore.p_step(x, m, 3, schedule, out=out, **kwargs) is out
+    x_in = x.clone()
+    assert diffcore.p_step_(x_in, m, 3, schedule, **kwargs) is x_in
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(x_in, want, rtol=0, atol=0)
+
+
+def test_in_place_on_strided_rows(schedule):
+    x, m, _, z = make((4, 300), torch.float32, seed=10)
+    want = diffcore.p_step(x, m, 5, schedule, noise=z)
+    for layout in ("row_stride", "column_major"):
+        xs = strided_rows(x.clone(), layout)
+        diffcore.p_step_(xs, m, 5, schedule, noise=z)
+        torch.testing.assert_close(xs, want, rtol=0, atol=0)
+
+
+def test_cpu_dispatch_runs_the_cpp_kernel():
+    if diffcore._library._C is None:
+        pytest.skip(f"the C++ extension is not loaded: {diffcore._library.EXTENSION_MISSING}")
+    assert diffcore.backends()["cpu"].startswith("live")
+
+
+def test_empty_batch(schedule):
+    x = torch.empty(0, 10)
+    assert diffcore.p_step(x, x.clone(), 3, schedule, seed=1).shape == (0, 10)
+
+
+# --- gradients, opcheck, compile ----------------------------------------------------------------
+def test_q_sample_gradient_through_x0(schedule):
+    x, _, _, z = make((3, 50), torch.float32, seed=11)
+    t = torch.tensor([0, 7, 39])
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(3, 50)
+    (diffcore.q_sample(x1, t, schedule, noise=z) * g).sum().backward()
+    (ref.q_sample(x2, t, schedule, z) * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps"])
+def test_p_step_gradients(prediction, schedule):
+    x, m, u, z = make((3, 20), torch.float32, seed=12)
+    t = torch.tensor([0, 7, 39])
+    ours = [v.clone().requires_grad_() for v in (x, m, u, z)]
+    theirs = [v.clone().requires_grad_() for v in (x, m, u, z)]
+    kw = dict(prediction=prediction, guidance_scale=0.5)
+    g = torch.randn(3, 20)
+    a, b, c, d = ours
+    (diffcore.p_step(a, b, t, schedule, uncond_out=c, noise=d, **kw) * g).sum().backward()
+    a, b, c, d = theirs
+    (ref.p_step(a, b, t, schedule, uncond_out=c, noise=d, **kw) * g).sum().backward()
+    for mine, want in zip(ours, theirs):
+        torch.testing.assert_close(mine.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+def _step_args(schedule, **overrides):
+    x, m, u, z = make((3, 33), torch.float32, seed=13)
+    args = dict(f=m, f_uncond=u, guidance=0.5, t=torch.tensor([1, 5, 9]), table=schedule.p_table(),
+                noise=z, seed=None, offset=0, clamp_t=False)
+    args.update(overrides)
+    return x, args
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"noise": None, "seed": 7, "offset": 3}, {"f_uncond": None, "guidance": 0.0}, {"f": None, "f_uncond": None, "guidance": 0.0},
+     {"t": None, "table": torch.ones(1, 3, dtype=torch.float64)}, {"t": torch.tensor([50]), "clamp_t": True}],
+    ids=["guided_noise", "seeded", "plain", "q_sample", "no_t", "clamped"],
+)
+def test_opcheck(overrides, schedule):
+    x, args = _step_args(schedule, **overrides)
+    ordered = tuple(args[k] for k in ("f", "f_uncond", "guidance", "t", "table", "noise", "seed", "offset", "clamp_t"))
+    ops = torch.ops.diffcore
+    torch.library.opcheck(ops.diffusion_step.default, (x.requires_grad_(), *ordered))
+    torch.library.opcheck(ops.diffusion_step_.default, (x.detach().clone(), *ordered))
+    torch.library.opcheck(ops.diffusion_step_out.default, (x.detach(), *ordered), {"out": torch.empty_like(x)})
+
+
+def test_compile_fullgraph(schedule):
+    torch._dynamo.reset()
+
+    def step(x, m, t, z):
+        return diffcore.p_step(x, m, t, schedule, prediction="eps", noise=z) * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    x, m, _, z = make((4, 100), torch.float32, seed=14)
+    t = torch.tensor([0, 1, 2, 39])
+    torch.testing.assert_close(compiled(x, m, t, z), step(x, m, t, z), rtol=0, atol=0)
+
+
+def test_compile_in_place_and_seeded_aot_eager(schedule):
+    torch._dynamo.reset()
+
+    def step(x, m, t):
+        diffcore.p_step_(x, m, t, schedule, seed=3, offset=5)
+        return x
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x, m, _, _ = make((4, 100), torch.float32, seed=15)
+    t = torch.tensor([0, 1, 2, 39])
+    torch.testing.assert_close(compiled(x.clone(), m, t), step(x.clone(), m, t), rtol=0, atol=0)
+
+
+# --- the sampling loop --------------------------------------------------------------------------
+class Denoiser(torch.nn.Module):
+    """A small DiffRec-style DNN: x and a timestep embedding in, x0 (or eps) out."""
+
+    def __init__(self, n_items: int, emb: int = 8):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = emb
+        self.w1 = torch.nn.Parameter(torch.randn(n_items + emb, 32, generator=g) * 0.1)
+        self.w2 = torch.nn.Parameter(torch.randn(32, n_items, generator=g) * 0.1)
+
+    def forward(self, x, t):
+        freqs = torch.exp(-math.log(10000) * torch.arange(self.emb // 2, dtype=torch.float32) / (self.emb // 2))
+        args = t[:, None].float() * freqs[None]
+        h = torch.cat([x, torch.cos(args), torch.sin(args)], dim=-1)
+        return torch.tanh(h @ self.w1) @ self.w2
+
+
+@pytest.mark.parametrize("steps", [0, 5])
+@pytest.mark.parametrize("noise", [False, True])
+def test_sample_equals_diffrec_loop(steps, noise, schedule):
+    model = Denoiser(97)
+    x_start = torch.rand(6, 97)
+    with torch.no_grad():
+        want = ref.sample(model, x_start, schedule, steps=steps, noise=noise, generator=torch.Generator().manual_seed(1))
+        got = diffcore.sample(model, x_start, schedule, steps=steps, noise=noise, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_follows_the_global_rng_like_randn_like(schedule):
+    model = Denoiser(31)
+    x_start = torch.rand(3, 31)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        want = ref.sample(model, x_start, schedule, steps=3, noise=True)
+        torch.manual_seed(5)
+        got = diffcore.sample(model, x_start, schedule, steps=3, noise=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_seeded_sample_step_k_is_a_seeded_step_at_its_offset(schedule):
+    model = Denoiser(23)
+    x_start = torch.rand(4, 23)
+    stride = (x_start.numel() + 3) // 4
+    with torch.no_grad():
+        got = diffcore.sample(model, x_start, schedule, steps=2, noise=True, seed=77, offset=10)
+        x = diffcore.q_sample(x_start, 1, schedule, seed=77, offset=10)
+        for k, i in enumerate(reversed(range(schedule.num_steps)), start=1):
+            x = diffcore.p_step(x, model(x, torch.full((4,), i)), i, schedule, seed=77, offset=10 + k * stride)
+    torch.testing.assert_close(got, x, rtol=0, atol=0)
+    assert x_start.isfinite().all()
+
+
+def test_sample_with_guidance_equals_dreamrec_loop():
+    schedule = diffcore.Schedule.linear(50, dtype=torch.float32)  # DreamRec keeps float32 tables
+    g = torch.Generator().manual_seed(3)
+    w_c, w_u = torch.randn(16, 16, generator=g) * 0.2, torch.randn(16, 16, generator=g) * 0.2
+
+    def denoiser(x, t):
+        return torch.tanh(x @ w_c), torch.tanh(x @ w_u)
+
+    x_T = torch.randn(5, 16, generator=g)
+    torch.manual_seed(9)
+    got = diffcore.sample(denoiser, x_T, schedule, noise=True, guidance_scale=2.0)
+    # DreamRec's loop: x0 = (1 + w) f_c - w f_u; posterior mean; sqrt(pv[t]) z for t > 0.
+    torch.manual_seed(9)
+    x = x_T
+    for i in reversed(range(50)):
+        t = torch.full((5,), i)
+        fc, fu = denoiser(x, t)
+        x0 = (1 + 2.0) * fc - 2.0 * fu
+        mean = ref.extract(schedule.posterior_mean_coef1, t, x.shape) * x0 + ref.extract(schedule.posterior_mean_coef2, t, x.shape) * x
+        noise = torch.randn_like(x)
+        x = mean if i == 0 else mean + torch.sqrt(ref.extract(schedule.posterior_variance, t, x.shape)) * noise
+    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_without_noise_scale_only_applies_the_denoiser():
+    schedule = diffcore.Schedule.linear_var(5, 0.0, 0.001, 0.02)
+    calls = []
+
+    def denoiser(x, t):
+        calls.append(int(t[0]))
+        return x + 1
+
+    out = diffcore.sample(denoiser, torch.zeros(2, 3), schedule)
+    assert calls == [4, 3, 2, 1, 0] and torch.equal(out, torch.full((2, 3), 5.0))
+    with pytest.raises(ValueError, match="noise_scale == 0"):
+        diffcore.p_step(torch.zeros(2, 3), torch.zeros(2, 3), 1, schedule)
+
+
+# --- schedules ----------------------------------------------------------------------------------
+def test_linear_var_is_diffrecs():
+    s = diffcore.Schedule.linear_var(1000, 0.1, 0.0005, 0.005)
+    var = np.linspace(0.1 * 0.0005, 0.1 * 0.005, 1000, dtype=np.float64)
+    alpha_bar = 1 - var
+    betas = [1 - alpha_bar[0]] + [min(1 - alpha_bar[i] / alpha_bar[i - 1], 0.999) for i in range(1, 1000)]
+    betas[0] = 0.00001
+    np.testing.assert_allclose(s.betas.numpy(), betas, rtol=1e-12)
+    assert s.betas.dtype == torch.float64 and s.noise_scale == 0.1
+    pv = s.posterior_variance
+    torch.testing.assert_close(s.posterior_log_variance_clipped, torch.log(torch.cat([pv[1:2], pv[1:]])))
+
+
+def test_cosine_is_diffrecs_and_dreamrecs():
+    T = 100
+    s = diffcore.Schedule.cosine(T)
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    want = [min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)]
+    np.testing.assert_allclose(s.betas.numpy(), want, rtol=1e-12)
+    clipped = diffcore.Schedule.cosine(T, clip=(1e-4, 0.9999), dtype=torch.float32)
+    assert clipped.betas.dtype == torch.float32 and clipped.betas.min() >= 1e-4
+
+
+def test_exp_is_dreamrecs():
+    T = 200
+    x = torch.linspace(1, 2 * T + 1, T)
+    want = 1 - torch.exp(-0.1 / T - x * 0.5 * (10 - 0.1) / (T * T))
+    torch.testing.assert_close(diffcore.Schedule.exp(T).betas.float(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("betas", "match"),
+    [([0.1, float("nan")], "finite"), ([0.1, 1.5], r"\(0, 1\]"), ([0.0, 0.1], r"\(0, 1\]"), ([], "non-empty")],
+)
+def test_bad_schedules(betas, match):
+    with pytest.raises(ValueError, match=match):
+        diffcore.Schedule.from_betas(betas)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def bad_cases(schedule):
+    x, m, u, z = make((4, 10), torch.float32, seed=16)
+    return [
+        (lambda: diffcore.p_step(x, m[:3], 1, schedule), ValueError, "model_out: expected shape"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, noise=z[:, :5]), ValueError, "noise: expected shape"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, uncond_out=u.double()), TypeError, "uncond_out: expected dtype"),
+        (lambda: diffcore.p_step(x, m, torch.tensor([1, 2]), schedule), ValueError, r"t: expected shape \(4,\)"),
+        (lambda: diffcore.p_step(x, m, 40, schedule), ValueError, r"t: expected a timestep in \[0, 40\)"),
+        (lambda: diffcore.p_step(x, m, -1, schedule), ValueError, "t: expected a timestep"),
+        (lambda: diffcore.p_step(x, m, torch.tensor([0, 1, 40, 2]), schedule), RuntimeError, r"t\[2\] = 40"),
+        (lambda: diffcore.p_step(x, m, torch.tensor([0, -3, 1, 2]), schedule), RuntimeError, r"t\[1\] = -3"),
+        (lambda: diffcore.p_step(x, m, torch.tensor([1.0] * 4), schedule), TypeError, "t: expected an integer tensor"),
+        (lambda: diffcore.p_step(x.long(), m, 1, schedule), TypeError, "x_t: expected float32"),
+        (lambda: diffcore.p_step(x.to(torch.complex64), m, 1, schedule), TypeError, "x_t: expected float32"),
+        (lambda: diffcore.p_step(x[0], m[0], 1, schedule), ValueError, "x_t: expected a 2-D tensor"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, guidance_scale=2.0), ValueError, "needs uncond_out"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, noise=z, seed=1), ValueError, "give one, not both"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, out=m), ValueError, "out: must not share memory with model_out"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, noise=z, out=z[:, :]), ValueError, "with noise"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, out=torch.empty(4, 9)), ValueError, "out: expected shape"),
+        (lambda: diffcore.p_step(x, m, 1, "linear"), TypeError, "schedule: expected a diffcore.Schedule"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, prediction="v"), ValueError, "prediction: expected one of"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, variance="learned"), ValueError, "variance: expected one of"),
+        (lambda: diffcore.ddim_step(x, m, 5, 7, schedule, eta=-1.0), ValueError, "eta"),
+        (lambda: diffcore.ddim_step(x, m, 5, 40, schedule), ValueError, "t_prev"),
+        (lambda: diffcore.sample(lambda x, t: x, x, schedule, steps=41), ValueError, "steps"),
+        (lambda: diffcore.q_sample(x, 1, schedule, seed=2**64), ValueError, "seed"),
+    ]
+
+
+def test_bad_input_gives_clear_errors(schedule):
+    for call, error, match in bad_cases(schedule):
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_mixed_devices_are_refused(schedule):
+    x, m, _, _ = make((2, 4), torch.float32)
+    with pytest.raises(ValueError, match="device"):
+        diffcore.p_step(x, m.to("meta"), 1, schedule)
+
+
+def test_clamp_t_maps_large_timesteps_to_the_last(schedule):
+    x, m, _, z = make((3, 8), torch.float32, seed=17)
+    big = torch.tensor([40, 45, 39])
+    got = diffcore.p_step(x, m, big, schedule, noise=z, clamp_t=True)
+    torch.testing.assert_close(got, ref.p_step(x, m, big, schedule, noise=z, clamp_t=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, diffcore.p_step(x, m, 39, schedule, noise=z), rtol=0, atol=0)
+
+
+# --- builds -------------------------------------------------------------------------------------
+def test_pure_python_install_falls_back_to_the_reference_with_one_warning():
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import diffcore\n"
+        "    s = diffcore.Schedule.linear(10)\n"
+        "    x = torch.randn(2, 5)\n"
+        "    y = diffcore.p_step(x, x, 3, s, seed=1)\n"
+        "print(sum('DIFFCORE_NO_EXT' in str(w.message) for w in caught), diffcore.backends()['cpu'])\n"
+    )
+    env = {**os.environ, "DIFFCORE_NO_EXT": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert res.stdout.split()[0] == "1" and "DIFFCORE_NO_EXT" in res.stdout

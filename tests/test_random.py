@@ -1,0 +1,114 @@
+"""The Philox normal stream: every backend against the reference, determinism, statistics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from utils import impl_params
+
+import diffcore
+from diffcore.reference.random import normal
+
+SEEDS = [0, 1234, 2**63 + 99, 2**64 - 1]
+
+
+def draw(name: str, shape, seed: int, offset: int, dtype=torch.float32, out=None) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype) if out is None else out
+    with diffcore.use(name):
+        return diffcore.random.randn_(out, seed=seed, offset=offset)
+
+
+@pytest.mark.parametrize("name", impl_params("random_normal"))
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("offset", [0, 3, 2**32 - 2])
+def test_matches_reference(name, seed, offset):
+    n = 1037 if name == "triton" else 10_007  # odd: a partial group of 4 at the end
+    got = draw(name, (n,), seed, offset)
+    torch.testing.assert_close(got, normal(n, seed, offset), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", impl_params("random_normal"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_is_the_stream_rounded(name, dtype):
+    got = draw(name, (3, 37), 7, 1, dtype=dtype)
+    assert got.dtype == dtype
+    ref = normal(111, 7, 1).reshape(3, 37)
+    torch.testing.assert_close(got.float(), ref, rtol=torch.finfo(dtype).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", impl_params("random_normal"))
+def test_logical_index_not_memory_order(name):
+    out = torch.empty(37, 5).t()  # (5, 37), column-major in memory
+    got = draw(name, None, 11, 0, out=out)
+    torch.testing.assert_close(got, normal(185, 11, 0).reshape(5, 37), rtol=0, atol=2e-6)
+
+
+def test_offset_continues_the_stream():
+    whole = diffcore.random.randn(4 * 1000, seed=5)
+    tail = diffcore.random.randn(4 * 600, seed=5, offset=400)
+    assert torch.equal(whole[1600:], tail)
+
+
+def test_thread_count_does_not_change_values():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = diffcore.random.randn(300_001, seed=3, offset=9)
+        torch.set_num_threads(2)
+        two = diffcore.random.randn(300_001, seed=3, offset=9)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_every_instruction_set_build_agrees(isa):
+    if diffcore._library._C is None:
+        pytest.skip(f"the C++ extension is not loaded: {diffcore._library.EXTENSION_MISSING}")
+    code = (
+        "import torch, diffcore; from diffcore.reference.random import normal\n"
+        "x = diffcore.random.randn(50_003, seed=2**63 + 5, offset=2**32 - 7)\n"
+        "err = (x - normal(50_003, 2**63 + 5, 2**32 - 7)).abs().max().item()\n"
+        "print(diffcore._library.cpu_isa(), err)\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    build, err = res.stdout.split()
+    assert build == isa.upper() and float(err) <= 2e-6, res.stdout
+
+
+def test_standard_normal_statistics():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x = diffcore.random.randn(2_000_000, seed=42).double()
+    assert abs(x.mean().item()) < 5 * 2_000_000**-0.5
+    assert abs(x.var().item() - 1.0) < 0.005
+    assert scipy_stats.kstest(x[:200_000].numpy(), "norm").pvalue > 1e-3
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.diffcore.random_normal_.default, (torch.empty(4, 9), 3, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"seed": 2**64}, ValueError, "seed"),
+        ({"seed": -(2**63) - 1}, ValueError, "seed"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"seed": 1, "offset": -1}, ValueError, "offset"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        diffcore.random.randn(4, **kwargs)
+
+
+def test_bad_dtype():
+    with pytest.raises(TypeError, match="out: expected float32"):
+        diffcore.random.randn_(torch.empty(3, dtype=torch.int32), seed=1)
+    with pytest.raises(TypeError, match="out: expected float32"):
+        diffcore.random.randn_(torch.empty(3, dtype=torch.float64), seed=1)

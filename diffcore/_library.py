@@ -126,7 +126,7 @@ def _load_extension() -> tuple[object | None, str | None]:
 
 
 _C, EXTENSION_MISSING = _load_extension()
-HAS_CUDA_BINDING = bool(_C is not None and getattr(_C, "has_cuda", lambda: False)())
+HAS_CUDA_BINDING = bool(_C is not None and _C.has_cuda())
 
 
 def cpu_isa() -> str | None:

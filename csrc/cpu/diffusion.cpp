@@ -221,6 +221,7 @@ void run_step(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond
   TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
   check_operand(out, x, "out");
+  check_same_device(table, x, "table", "x");
 
   const at::Tensor xs = unit_cols(x);
   const OptTensor fs = f ? OptTensor(unit_cols(*f)) : std::nullopt;

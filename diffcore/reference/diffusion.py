@@ -202,5 +202,5 @@ def step(
     if noise is not None:
         out = out + c * noise.float()
     elif seed is not None:
-        out = out + c * normal(x.numel(), seed, offset).reshape(x.shape)
+        out = out + c * normal(x.numel(), seed, offset).reshape(x.shape).to(x.device)
     return out.to(x.dtype)

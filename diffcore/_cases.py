@@ -1,0 +1,504 @@
+"""Parity cases and tolerances: the one table ``python -m diffcore.parity`` and the tests share.
+
+Every op family owns one block below: a function decorated with :func:`family` that returns its
+fixed, seeded :class:`Case` list. A case says how to run an implementation (a public call on a
+device; the caller picks the implementation with ``diffcore.use``), how to compute the pure-PyTorch
+reference, and the tolerance rule that judges the result. Tolerances therefore live with the ops,
+not in the command or the tests (``tests/utils.py`` imports its rule from here).
+
+Rules (``Close``, ``TwiceReference``; both report ``max |got - ref|`` and ``max |got - ref| /
+max |ref|``, the normwise relative error):
+
+- float32: close to the float32 reference, ``|got - ref| <= atol max(1, max |ref|) + rtol |ref|``
+  elementwise, ``FP32_TOL = (rtol, atol)``; float64 likewise with ``FP64_TOL`` (float64 reference).
+- float16 / bfloat16 (flash-attention's rule): ``max |got - ref32|`` at most
+  ``LOW_PRECISION_FACTOR`` times the error of the reference run on the same low-precision inputs,
+  both against the float32 reference (plus ``LOW_PRECISION_FLOOR`` for exact references).
+- seeded noise: the stream agrees with the reference, and across backends (same seed and offset),
+  to ``NOISE_ATOL``: a few ulp of log/sin/cos at ``|z| < 6`` (DESIGN.md "Noise").
+
+A case with ``agreement`` set draws seeded noise; parity also compares its output on every backend
+with the ``cpu`` implementation's output on CPU under that rule.
+
+Adding a family is one block at the end of this file: its registered ops, and for each op
+seeded cases over ``DTYPES``, odd shapes, ``LAYOUTS`` and the family's edge cases, e.g.::
+
+    @family("sphere", ops=("sphere_expmap",), description="exp map on the unit sphere")
+    def _sphere_cases(quick: bool) -> list[Case]:
+        shapes = [(3, 2810), (7, 1001)] + ([] if quick else [(1, 1), (0, 64)])
+        return [
+            reference_case("sphere_expmap", f"expmap {_shape_name(s)}", dtype, randn_operands(s, 2, seed=1),
+                           lambda device, x, v: diffcore.sphere.expmap(x, v), ref_sphere.expmap, layout=layout)
+            for dtype in DTYPES for s in shapes for layout in LAYOUTS
+        ]
+
+``reference_case`` covers the usual pattern; a case whose inputs are not plain float operands
+builds its :class:`Case` directly (see the random family).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+import diffcore
+from diffcore.reference import diffusion as ref_diffusion
+from diffcore.reference.random import normal as philox_normal
+
+__all__ = [
+    "Case", "Close", "Family", "TwiceReference", "Verdict", "FAMILIES", "DTYPES", "FP32_TOL", "FP64_TOL",
+    "LAYOUTS", "NOISE", "NOISE_ATOL", "arrange", "family", "family_of", "randn_operands", "reference_case",
+    "rounded_noise", "standard_tolerance", "stream", "truth_dtype",
+]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP32_TOL = (1e-5, 1e-5)  # (rtol, atol) of a float32 result; atol scales with max(1, max |ref|)
+FP64_TOL = (1e-10, 1e-10)  # the same for float64 (families whose ops take float64)
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_FLOOR = 1e-6
+NOISE_ATOL = 2e-6  # seeded noise vs the reference and across backends: ~4 ulp of |z| in [4, 8)
+LAYOUTS = ("contiguous", "row_stride", "column_major")
+
+
+# --- tolerance rules ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    abs_err: float  # max |got - ref| (nan when got has non-finite values where ref has none)
+    rel_err: float  # abs_err / max |ref|
+    message: str | None = None  # why it failed
+
+
+def _errors(got: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, float, float] | Verdict:
+    if tuple(got.shape) != tuple(ref.shape):
+        return Verdict(False, math.inf, math.inf, f"shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+    if got.numel() == 0:
+        return Verdict(True, 0.0, 0.0)
+    err = (got.detach().cpu().double() - ref.double()).abs()
+    abs_err = float(err.max()) if not err.isnan().any() else math.nan
+    ref_max = float(ref.double().abs().max())
+    rel_err = abs_err / ref_max if ref_max > 0 else (0.0 if abs_err == 0 else math.inf)
+    return err, abs_err, rel_err
+
+
+@dataclass(frozen=True)
+class Close:
+    """Elementwise ``|got - ref| <= atol * s + rtol * |ref|``, ``s = max(1, max |ref|)`` when
+    ``scaled`` (else 1)."""
+
+    rtol: float
+    atol: float
+    scaled: bool = True
+    needs_same_dtype = False
+
+    def check(self, got: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor | None = None) -> Verdict:
+        res = _errors(got, ref)
+        if isinstance(res, Verdict):
+            return res
+        err, abs_err, rel_err = res
+        ref64 = ref.double()
+        scale = max(1.0, float(ref64.abs().max())) if self.scaled else 1.0
+        bad = ~(err <= self.atol * scale + self.rtol * ref64.abs())  # nan counts as bad
+        if not bool(bad.any()):
+            return Verdict(True, abs_err, rel_err)
+        i = int(bad.reshape(-1).nonzero()[0])
+        g, r = float(got.reshape(-1)[i]), float(ref64.reshape(-1)[i])
+        return Verdict(False, abs_err, rel_err, f"{int(bad.sum())} of {got.numel()} elements outside {self} "
+                       f"(first at flat index {i}: {g:.7g} vs {r:.7g})")
+
+    def __str__(self) -> str:
+        atol = f"{self.atol:.0e}*max(1,|ref|)" if self.scaled else f"{self.atol:.0e}"
+        return f"atol {atol}" + (f", rtol {self.rtol:.0e}" if self.rtol else "")
+
+
+@dataclass(frozen=True)
+class TwiceReference:
+    """``max |got - ref32| <= factor * max |same_dtype - ref32| + floor``: ``same_dtype`` is the
+    reference run on the inputs rounded to the low-precision dtype, its result in that dtype."""
+
+    factor: float = LOW_PRECISION_FACTOR
+    floor: float = LOW_PRECISION_FLOOR
+    needs_same_dtype = True
+
+    def check(self, got: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor | None = None) -> Verdict:
+        if same_dtype is None:
+            raise ValueError("TwiceReference: needs the same-dtype reference")
+        res = _errors(got, ref)
+        if isinstance(res, Verdict):
+            return res
+        _, abs_err, rel_err = res
+        ref_err = float((same_dtype.double() - ref.double()).abs().max())
+        limit = self.factor * ref_err + self.floor
+        if abs_err <= limit:
+            return Verdict(True, abs_err, rel_err)
+        return Verdict(False, abs_err, rel_err, f"error {abs_err:.3g} > {self.factor:g} x same-dtype "
+                       f"reference error {ref_err:.3g} + {self.floor:g}")
+
+    def __str__(self) -> str:
+        return f"<= {self.factor:g}x same-dtype ref err"
+
+
+Tolerance = Close | TwiceReference
+
+
+def standard_tolerance(dtype: torch.dtype) -> Tolerance:
+    """float32: ``Close(*FP32_TOL)``; float64: ``Close(*FP64_TOL)``; float16/bfloat16:
+    ``TwiceReference()``."""
+    if dtype == torch.float64:
+        return Close(*FP64_TOL)
+    return Close(*FP32_TOL) if dtype == torch.float32 else TwiceReference()
+
+
+def truth_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference runs in to give the truth for ``dtype`` inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+NOISE = Close(0.0, NOISE_ATOL, scaled=False)
+
+
+def rounded_noise(dtype: torch.dtype) -> Tolerance:
+    """The stream rounded to a low-precision dtype: within one rounding of the float32 stream."""
+    return Close(torch.finfo(dtype).eps, 1e-6, scaled=False)
+
+
+# --- cases and families -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One seeded check of one op.
+
+    ``run(device)`` makes the inputs on ``device`` and makes the public call (under
+    ``diffcore.use(name)``, set by the caller), returning one tensor (an op with several outputs
+    gets one case per output); ``reference()`` is the truth on CPU, computed in float32 (float64 for
+    float64 cases); ``same_dtype_reference()`` the reference on the inputs rounded to ``dtype`` (for
+    ``TwiceReference``); ``agreement``: the bound between backends, for seeded-noise cases."""
+
+    op: str  # the registered op the call exercises, e.g. "diffusion_step"
+    name: str  # what it computes, e.g. "p_step t=T-1 7x1001 column_major"
+    dtype: torch.dtype  # of the inputs
+    run: Callable[[torch.device], torch.Tensor]
+    reference: Callable[[], torch.Tensor]
+    tolerance: Tolerance
+    same_dtype_reference: Callable[[], torch.Tensor] | None = None
+    agreement: Tolerance | None = None
+    out_dtype: torch.dtype | None = None  # of the output, when it is not ``dtype``
+
+    def check(self, got: torch.Tensor, ref: torch.Tensor, same_dtype: torch.Tensor | None = None) -> Verdict:
+        expected = self.out_dtype or self.dtype
+        if got.dtype != expected:
+            return Verdict(False, math.nan, math.nan, f"dtype {got.dtype}, expected {expected}")
+        return self.tolerance.check(got, ref, same_dtype)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # what --only takes
+    ops: tuple[str, ...]  # the registered ops its cases exercise
+    description: str
+    make_cases: Callable[[bool], list[Case]]
+
+    def cases(self, quick: bool = False) -> list[Case]:
+        cases = self.make_cases(quick)
+        stray = {c.op for c in cases} - set(self.ops)
+        if stray:
+            raise ValueError(f"family {self.name}: cases for ops it does not declare: {sorted(stray)}")
+        return cases
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def family(name: str, *, ops: Sequence[str], description: str):
+    """Registers the decorated ``cases(quick: bool) -> list[Case]`` as the family ``name``."""
+
+    def register(make_cases: Callable[[bool], list[Case]]) -> Callable[[bool], list[Case]]:
+        FAMILIES[name] = Family(name, tuple(ops), description, make_cases)
+        return make_cases
+
+    return register
+
+
+def family_of(op: str) -> Family | None:
+    return next((f for f in FAMILIES.values() if op in f.ops), None)
+
+
+# --- helpers for family blocks ------------------------------------------------------------------
+def arrange(x: torch.Tensor, layout: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """The values of the 2-D ``x`` on ``device`` laid out as ``contiguous``, ``row_stride`` (rows
+    padded by 5 elements) or ``column_major``."""
+    x = x.to(device) if device is not None else x
+    if layout == "contiguous":
+        return x.clone()
+    if layout == "row_stride":
+        wide = torch.zeros(x.shape[0], x.shape[1] + 5, dtype=x.dtype, device=x.device)
+        wide[:, : x.shape[1]] = x
+        return wide[:, : x.shape[1]]
+    if layout == "column_major":
+        return x.t().contiguous().t()
+    raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+
+
+def randn_operands(shape: tuple[int, ...], count: int, seed: int) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """``count`` float32 standard-normal CPU tensors of ``shape`` from ``torch.Generator(seed)``."""
+
+    @functools.cache
+    def make() -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(shape, generator=g) for _ in range(count))
+
+    return make
+
+
+def reference_case(
+    op: str,
+    name: str,
+    dtype: torch.dtype,
+    operands: Callable[[], Sequence[torch.Tensor | None]],
+    call: Callable[..., torch.Tensor],
+    reference: Callable[..., torch.Tensor],
+    *,
+    layout: str = "contiguous",
+    tolerance: Tolerance | None = None,
+    agreement: Tolerance | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Case:
+    """The usual case: ``call(device, *ops)`` with the float32 ``operands()`` cast to ``dtype``,
+    laid out as ``layout`` on ``device``, against ``reference(*operands())`` on CPU in
+    ``truth_dtype(dtype)`` (the truth); for ``TwiceReference``, also ``reference`` on the operands
+    rounded to ``dtype``, its result rounded to ``dtype``.
+
+    ``operands()``: the float tensors (2-D unless ``layout`` is ``contiguous``; None: absent).
+    Other arguments (timesteps, schedules, graphs) live in the closures of ``call``, which moves
+    them to ``device``, and ``reference``, which takes them on CPU."""
+    tolerance = standard_tolerance(dtype) if tolerance is None else tolerance
+
+    def run(device: torch.device) -> torch.Tensor:
+        return call(device, *(None if v is None else arrange(v.to(dtype), layout, device) for v in operands()))
+
+    def truth() -> torch.Tensor:
+        return reference(*(None if v is None else v.to(truth_dtype(dtype), copy=True) for v in operands()))
+
+    def same_dtype() -> torch.Tensor:
+        return reference(*(None if v is None else v.to(dtype, copy=True) for v in operands())).to(dtype)
+
+    return Case(op, f"{name} {layout}", dtype, run, truth, tolerance,
+                same_dtype if tolerance.needs_same_dtype else None, agreement, out_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def stream(n: int, seed: int, offset: int) -> torch.Tensor:
+    """Elements ``0 .. n-1`` of the reference Philox stream ``(seed, offset)`` (cached: the reference
+    generator is slow; callers must not modify the result)."""
+    return philox_normal(n, seed, offset)
+
+
+def _shape_name(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+# === family: random ==============================================================================
+@family("random", ops=("random_normal",), description="the Philox normal stream (diffcore.random.randn_)")
+def _random_cases(quick: bool) -> list[Case]:
+    seeds = [(0, 0), (2**63 + 99, 3), (2**64 - 1, 2**32 - 2)]  # the last crosses the 2^32 counter
+    if not quick:
+        seeds += [(1234, 0), (1234, 3), (0, 2**32 - 2), (2**64 - 1, 0)]
+    n = 1037 if quick else 10_007  # odd: a partial group of 4 at the end
+    draws = [((n,), "contiguous", s, o) for s, o in seeds]
+    draws += [
+        ((3, 2810), "column_major", 11, 0),  # element i is the row-major index, not memory order
+        ((7, 1001), "row_stride", 5, 7),
+        ((1,), "contiguous", 3, 1),
+        ((0,), "contiguous", 3, 1),
+    ]
+    cases = []
+    for dtype in DTYPES:
+        for shape, layout, seed, offset in draws if dtype == torch.float32 else draws[-4:-1]:
+            cases.append(_random_case(shape, layout, seed, offset, dtype))
+    return cases
+
+
+def _random_case(shape: tuple[int, ...], layout: str, seed: int, offset: int, dtype: torch.dtype) -> Case:
+    def run(device: torch.device) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        if len(shape) == 2:
+            out = arrange(out, layout)
+        return diffcore.random.randn_(out, seed=seed, offset=offset)
+
+    def reference() -> torch.Tensor:
+        return stream(math.prod(shape), seed, offset).reshape(shape)
+
+    fp32 = dtype == torch.float32
+    tol = NOISE if fp32 else rounded_noise(dtype)
+    name = f"randn_ {_shape_name(shape)} {layout} seed={seed} offset={offset}"
+    return Case("random_normal", name, dtype, run, reference, tol, agreement=NOISE if fp32 else None)
+
+
+# === family: diffusion ===========================================================================
+T_DIFFREC = 40  # DiffRec's ML-1M setting: linear-var, 40 steps, float64 tables
+
+
+_SCHEDULES = {
+    "diffrec": lambda: diffcore.Schedule.linear_var(T_DIFFREC, 0.1, 0.0005, 0.005),
+    "dreamrec": lambda: diffcore.Schedule.linear(50, dtype=torch.float32),  # DreamRec's float32 tables
+}
+
+
+@functools.cache
+def _schedule(name: str, device: str = "cpu") -> diffcore.Schedule:
+    return _SCHEDULES[name]() if device == "cpu" else _schedule(name).to(device)
+
+
+def _timesteps(kind: str, rows: int, T: int) -> int | torch.Tensor:
+    if kind == "0":
+        return 0
+    if kind == "T-1":
+        return T - 1
+    if kind == "17":
+        return 17
+    if kind == "(1,)":
+        return torch.tensor([T - 1])
+    if kind == "clamp":  # DDRM: t >= T maps to T - 1
+        return torch.arange(rows) % 3 + T - 1
+    g = torch.Generator().manual_seed(rows)  # "row": one timestep per row, 0 and T-1 included
+    t = torch.randint(0, T, (rows,), generator=g)
+    t[: min(rows, 2)] = torch.tensor([0, T - 1])[: min(rows, 2)]
+    return t
+
+
+def _t_on(t: int | torch.Tensor, device: torch.device) -> int | torch.Tensor:
+    return t.to(device) if isinstance(t, torch.Tensor) else t
+
+
+@family("diffusion", ops=("diffusion_step",), description="q_sample, p_step, p_step_, ddim_step; given, seeded noise")
+def _diffusion_cases(quick: bool) -> list[Case]:
+    layouts = [("contiguous", "row_stride", "column_major")[i % 3] for i in range(20)]
+    shaped = [((3, 2810), "column_major"), ((7, 1001), "row_stride"), ((1, 1), "contiguous")]
+    if not quick:
+        shaped = [(s, lay) for s in ((3, 2810), (7, 1001), (1, 1)) for lay in LAYOUTS]
+        shaped.append(((400, 2810), "row_stride"))  # DiffRec's ML-1M batch
+    wide = (5, 257) if quick else (7, 1001)  # the edge and mode cases
+    cases = []
+    for dtype in DTYPES:
+        for shape, layout in shaped:
+            cases.append(_p_step_case(dtype, shape, layout, "row"))
+        edge = [
+            _p_step_case(dtype, wide, layouts[0], "0"),
+            _p_step_case(dtype, wide, layouts[1], "T-1"),
+            _p_step_case(dtype, wide, layouts[2], "(1,)"),
+            _p_step_case(dtype, wide, layouts[3], "clamp", clamp_t=True),
+            _p_step_case(dtype, wide, layouts[4], "row", prediction="eps", variance="beta", guidance=2.5),
+            _p_step_case(dtype, (5, 64), layouts[5], "row", variance="none", guidance=2.5, dreamrec=True),
+            _p_step_case(dtype, wide, layouts[6], "17", in_place=True),
+            _p_step_case(dtype, (0, 10), "contiguous", "17"),  # empty batch
+            _p_step_case(dtype, (3, 0), "contiguous", "17"),  # rows without items
+            _q_sample_case(dtype, wide, layouts[7]),
+            _ddim_case(dtype, wide, layouts[8], 30, 20, eta=0.7, prediction="eps"),
+            _ddim_case(dtype, wide, layouts[9], 30, 20, eta=0.7, prediction="x0"),
+            _ddim_case(dtype, wide, layouts[14], 5, -1, eta=0.0, prediction="eps"),  # to the data
+            # seeded noise at offsets (the last crosses the 2^32 boundary of the counter)
+            _p_step_case(dtype, wide, layouts[10], "row", seed=0, offset=0),
+            _p_step_case(dtype, wide, layouts[11], "row", seed=2**64 - 1, offset=2**32 - 2),
+            _q_sample_case(dtype, wide, layouts[12], seed=9, offset=11),
+            _ddim_case(dtype, wide, layouts[13], 30, 20, eta=0.7, prediction="eps", seed=5, offset=3),
+            _p_step_case(dtype, (0, 10), "contiguous", "17", seed=1, offset=0),
+        ]
+        cases += edge
+    return cases
+
+
+def _seed_name(seed: int | None, offset: int) -> str:
+    return "" if seed is None else f" seed={seed} offset={offset}"
+
+
+def _diffusion_case(dtype, name, shape, layout, operands, call, reference, seed, tolerance=None) -> Case:
+    fp32_seeded = seed is not None and dtype == torch.float32
+    agreement = Close(0.0, NOISE_ATOL) if fp32_seeded else None  # c z differs by c * NOISE_ATOL at most
+    return reference_case("diffusion_step", f"{name} {_shape_name(shape)}", dtype, operands, call, reference,
+                          layout=layout, tolerance=tolerance, agreement=agreement)
+
+
+def _p_step_case(
+    dtype: torch.dtype,
+    shape: tuple[int, int],
+    layout: str,
+    t_kind: str,
+    *,
+    prediction: str = "x0",
+    variance: str = "posterior",
+    guidance: float = 0.0,
+    clamp_t: bool = False,
+    dreamrec: bool = False,
+    in_place: bool = False,
+    seed: int | None = None,
+    offset: int = 0,
+) -> Case:
+    """``p_step`` (``p_step_`` when ``in_place``) with given noise, or seeded noise when ``seed``."""
+    which = "dreamrec" if dreamrec else "diffrec"
+    schedule = _schedule(which)
+    t = _timesteps(t_kind, shape[0], schedule.num_steps)
+    operands = randn_operands(shape, 4 if seed is None else 3, seed=zlib.crc32(f"{shape} {t_kind} {guidance}".encode()))
+    kwargs = dict(prediction=prediction, variance=variance, clamp_t=clamp_t)
+
+    def call(device, x, m, u, z=None):
+        fn = diffcore.p_step_ if in_place else diffcore.p_step
+        return fn(x, m, _t_on(t, device), _schedule(which, str(device)), uncond_out=u if guidance else None,
+                  guidance_scale=guidance, noise=z, seed=seed, offset=offset, **kwargs)
+
+    def reference(x, m, u, z=None):
+        if seed is not None:
+            z = stream(x.numel(), seed, offset).reshape(x.shape)
+        return ref_diffusion.p_step(x, m, t, schedule, uncond_out=u if guidance else None, guidance_scale=guidance,
+                                    noise=z, **kwargs)
+
+    name = "p_step_" if in_place else "p_step"
+    name += f" t={t_kind}" + ("" if prediction == "x0" else f" {prediction}")
+    name += "" if variance == "posterior" else f" var={variance}"
+    name += f" w={guidance:g}" if guidance else ""
+    name += " dreamrec-fp32-tables" if dreamrec else ""
+    return _diffusion_case(dtype, name + _seed_name(seed, offset), shape, layout, operands, call, reference, seed)
+
+
+def _q_sample_case(dtype, shape, layout, *, seed=None, offset=0) -> Case:
+    schedule = _schedule("diffrec")
+    t = _timesteps("row", shape[0], schedule.num_steps)
+    operands = randn_operands(shape, 2 if seed is None else 1, seed=17 + (seed or 0))
+
+    def call(device, x, z=None):
+        schedule_here = _schedule("diffrec", str(device))
+        return diffcore.q_sample(x, _t_on(t, device), schedule_here, noise=z, seed=seed, offset=offset)
+
+    def reference(x, z=None):
+        if seed is not None:
+            z = stream(x.numel(), seed, offset).reshape(x.shape)
+        return ref_diffusion.q_sample(x, t, schedule, z)
+
+    return _diffusion_case(dtype, "q_sample t=row" + _seed_name(seed, offset), shape, layout, operands, call,
+                           reference, seed)
+
+
+def _ddim_case(dtype, shape, layout, t, t_prev, *, eta, prediction, seed=None, offset=0) -> Case:
+    schedule = _schedule("diffrec")
+    operands = randn_operands(shape, 3 if seed is None else 2, seed=23 + t)
+
+    def call(device, x, m, z=None):
+        return diffcore.ddim_step(x, m, t, t_prev, _schedule("diffrec", str(device)), eta=eta, prediction=prediction,
+                                  noise=z, seed=seed, offset=offset)
+
+    def reference(x, m, z=None):
+        if seed is not None:
+            z = stream(x.numel(), seed, offset).reshape(x.shape)
+        return ref_diffusion.ddim_step(x, m, t, t_prev, schedule, eta=eta, prediction=prediction, noise=z)
+
+    tolerance = None
+    if prediction == "x0" and dtype == torch.float32:
+        # The reference gathers the tables as float32 before eps = (x - sqrt(ab) x0) / sqrt(1 - ab)
+        # amplifies that rounding (4e-4 at t = 30 here, 3e-3 at t = 1); the fused float64
+        # coefficients do not (tests/test_diffusion.py checks them against DDIM in float64 to 2e-6).
+        tolerance = Close(1e-3, 1e-3)
+    name = f"ddim_step {t}->{t_prev} {prediction} eta={eta:g}" + _seed_name(seed, offset)
+    return _diffusion_case(dtype, name, shape, layout, operands, call, reference, seed, tolerance)

@@ -502,3 +502,52 @@ def _ddim_case(dtype, shape, layout, t, t_prev, *, eta, prediction, seed=None, o
         tolerance = Close(1e-3, 1e-3)
     name = f"ddim_step {t}->{t_prev} {prediction} eta={eta:g}" + _seed_name(seed, offset)
     return _diffusion_case(dtype, name, shape, layout, operands, call, reference, seed, tolerance)
+
+
+# === family: sparse ==============================================================================
+@functools.cache
+def _sparse_graph(kind: str) -> diffcore.sparse.Adjacency:
+    """``bipartite``: LightGCN's graph with isolated users and items and a hub user (every item);
+    ``directed``: a weighted non-symmetric graph with empty rows (its backward needs the transpose)."""
+    g = torch.Generator().manual_seed(31)
+    if kind == "bipartite":
+        users = torch.cat([torch.randint(1, 9, (40,), generator=g), torch.zeros(15, dtype=torch.long)])
+        items = torch.cat([torch.randint(0, 12, (40,), generator=g), torch.arange(15)])
+        return diffcore.sparse.Adjacency.from_interactions(users, items, 11, 15)
+    rows, cols = torch.randint(0, 20, (70,), generator=g), torch.randint(0, 23, (70,), generator=g)
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.rand(70, generator=g) + 0.5, (23, 23),
+                                  check_invariants=True)
+    return diffcore.sparse.Adjacency.from_torch(coo, norm="sym", index_dtype=torch.int64)
+
+
+@family("sparse", ops=("sparse_spmm", "sparse_propagate"),
+        description="normalised CSR SpMM and LightGCN stacks (diffcore.sparse.spmm, propagate)")
+def _sparse_cases(quick: bool) -> list[Case]:
+    from diffcore.reference import sparse as ref_sparse
+
+    graphs = ["bipartite"] if quick else ["bipartite", "directed"]
+    layouts = ["column_major"] if quick else list(LAYOUTS)
+    width = 5 if quick else 37
+    combines = [("mean", 3)] if quick else [("mean", 3), ("last", 2), ((0.5, 0.0, 2.0), 2)]
+    cases = []
+    for kind in graphs:
+        adj = _sparse_graph(kind)
+        operands = randn_operands((adj.num_nodes, width), 1, seed=41)
+        for dtype in DTYPES:
+            for layout in layouts:
+                cases.append(reference_case(
+                    "sparse_spmm", f"spmm {kind}", dtype, operands,
+                    lambda device, x, adj=adj: diffcore.sparse.spmm(adj.to(device), x),
+                    lambda x, adj=adj: ref_sparse.spmm(adj.to_sparse_coo(x.dtype), x), layout=layout,
+                ))
+                for combine, layers in combines:
+                    weights = None if combine == "mean" else diffcore.sparse._layer_weights(combine, layers)
+                    cases.append(reference_case(
+                        "sparse_propagate", f"propagate {kind} L={layers} {combine}", dtype, operands,
+                        lambda device, x, adj=adj, c=combine, k=layers: diffcore.sparse.propagate(
+                            adj.to(device), x, k, list(c) if isinstance(c, tuple) else c),
+                        lambda x, adj=adj, w=weights, k=layers: ref_sparse.propagate(
+                            adj.to_sparse_coo(x.dtype), x, k, w),
+                        layout=layout,
+                    ))
+    return cases

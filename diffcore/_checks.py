@@ -10,14 +10,22 @@ FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _U64 = 1 << 64
 
 
-def float_tensor(name: str, x: object, ndim: int | None = None) -> torch.Tensor:
+def float_tensor(
+    name: str, x: object, ndim: int | None = None, dtypes: tuple[torch.dtype, ...] = FEATURE_DTYPES
+) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FEATURE_DTYPES:
-        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name}: expected {dtype_names(dtypes)}, got {x.dtype}")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
     return x
+
+
+def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    """``(float32, float16, bfloat16)`` -> ``"float32, float16 or bfloat16"``."""
+    names = [str(dt).removeprefix("torch.") for dt in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def like(name: str, x: object, ref: torch.Tensor, ref_name: str) -> torch.Tensor:

@@ -266,3 +266,121 @@ if _C is None:
 
 # Families append their section below: schemas (_lib.define), fake kernels, autograd, registry
 # entries (_registry.register) and Python backends (impl_python), in that order.
+
+
+# --- sparse family (diffcore.sparse) ------------------------------------------------------------
+# Ops (``torch.ops.diffcore.<name>``); the meaning is diffcore.reference.sparse:
+#
+# ``sparse_spmm(crow, col, values, row_scale, col_scale, t_crow, t_col, t_values, x) -> Tensor``
+#     ``out[r] = row_scale[r] * sum_e values[e] * col_scale[col[e]] * x[col[e]]`` over row r's
+#     nonzeros: A_hat X with the normalisation applied on the fly. crow: (n + 1,) int64; col:
+#     (nnz,) int32 or int64; values: (nnz,) float32; row_scale: (n,), col_scale: (m,) float32
+#     (absent: ones); x: (m, d) float32/float16/bfloat16 (float32 accumulation) or float64.
+#     ``t_*`` are the transpose's CSR arrays: the backward is the same op on them, with the two
+#     scalings swapped (``grad_x = A_hat^T grad``), never a scatter-add.
+# ``sparse_propagate(<the same CSR arrays>, x, int num_layers, float[] weights) -> Tensor``
+#     ``sum_k weights[k] A_hat^k x`` for k = 0 .. num_layers (A_hat square), without stacking the
+#     layers; the backward is the same op over the transpose with the same weights.
+from diffcore.reference import sparse as _ref_sparse  # noqa: E402
+
+_CSR_ARGS = (
+    "Tensor crow, Tensor col, Tensor? values, Tensor? row_scale, Tensor? col_scale, "
+    "Tensor t_crow, Tensor t_col, Tensor? t_values"
+)
+_lib.define(f"sparse_spmm({_CSR_ARGS}, Tensor x) -> Tensor")
+_lib.define(f"sparse_propagate({_CSR_ARGS}, Tensor x, int num_layers, float[] weights) -> Tensor")
+
+
+@torch.library.register_fake("diffcore::sparse_spmm")
+def _(crow, col, values, row_scale, col_scale, t_crow, t_col, t_values, x):
+    return x.new_empty((crow.shape[0] - 1, x.shape[1]))
+
+
+@torch.library.register_fake("diffcore::sparse_propagate")
+def _(crow, col, values, row_scale, col_scale, t_crow, t_col, t_values, x, num_layers, weights):
+    return x.new_empty(x.shape)
+
+
+# --- autograd: both ops are linear in x; the gradient runs the same op over the transpose -------
+def _csr_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.layer_args = tuple(inputs[9:])  # (num_layers, weights) for propagate
+
+
+def _transposed(ctx) -> tuple:
+    crow, col, values, row_scale, col_scale, t_crow, t_col, t_values = ctx.saved_tensors
+    return t_crow, t_col, t_values, col_scale, row_scale, crow, col, values
+
+
+def _spmm_backward(ctx, grad):
+    return (None,) * 8 + (torch.ops.diffcore.sparse_spmm(*_transposed(ctx), grad),)
+
+
+def _propagate_backward(ctx, grad):
+    grad_x = torch.ops.diffcore.sparse_propagate(*_transposed(ctx), grad, *ctx.layer_args)
+    return (None,) * 8 + (grad_x, None, None)
+
+
+torch.library.register_autograd("diffcore::sparse_spmm", _spmm_backward, setup_context=_csr_setup_context)
+torch.library.register_autograd(
+    "diffcore::sparse_propagate", _propagate_backward, setup_context=_csr_setup_context
+)
+
+
+# --- implementations (out form: the op's arguments, then out) -----------------------------------
+def _reference_spmm_out(*args):
+    *args, out = args
+    out.copy_(_ref_sparse.spmm_op(*args))
+
+
+def _cpu_spmm_out(*args):
+    *args, out = args
+    out.copy_(torch.ops.diffcore.sparse_spmm(*args))
+
+
+def _triton_spmm_out(*args):
+    _kernels("sparse").sparse_spmm_out(*args)
+
+
+def _reference_propagate_out(*args):
+    *args, out = args
+    out.copy_(_ref_sparse.propagate_op(*args))
+
+
+def _cpu_propagate_out(*args):
+    *args, out = args
+    out.copy_(torch.ops.diffcore.sparse_propagate(*args))
+
+
+def _triton_propagate_out(*args):
+    _kernels("sparse").sparse_propagate_out(*args)
+
+
+for _sparse_op, _ref_impl, _cpu_impl, _triton_impl in (
+    ("sparse_spmm", _reference_spmm_out, _cpu_spmm_out, _triton_spmm_out),
+    ("sparse_propagate", _reference_propagate_out, _cpu_propagate_out, _triton_propagate_out),
+):
+    _registry.register(_sparse_op, "reference", _ref_impl, devices=("cpu", "cuda"))
+    _registry.register(_sparse_op, "cpu", _cpu_impl, devices=("cpu",), unavailable=_extension_reason)
+    _registry.register(
+        _sparse_op, "triton", _triton_impl, devices=("cpu", "cuda"), unavailable=_triton_unavailable
+    )
+
+
+# --- Python backends: the reference without _C, Triton for CUDA tensors -------------------------
+def _sparse_functional(impl):
+    def run(crow, col, values, row_scale, col_scale, t_crow, t_col, t_values, x, *layer_args):
+        rows = x.shape[0] if layer_args else crow.shape[0] - 1
+        out = x.new_empty((rows, x.shape[1]))
+        impl(crow, col, values, row_scale, col_scale, t_crow, t_col, t_values, x, *layer_args, out)
+        return out
+
+    return run
+
+
+impl_python("sparse_spmm", _sparse_functional, cpu_fallback=_reference_spmm_out, cuda=_triton_spmm_out)
+impl_python(
+    "sparse_propagate", _sparse_functional, cpu_fallback=_reference_propagate_out, cuda=_triton_propagate_out
+)
+
+

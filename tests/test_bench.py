@@ -1,0 +1,155 @@
+"""Smoke run of ``python -m bench`` (tiny shapes, one sample), so the bench can never rot.
+
+One run goes through the real entry point (a subprocess from the repository root, with Dynamo's
+eager backend standing in for Inductor so compiled baselines cost about a second); the rest call
+``bench.cli.main(argv)`` in process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import cli
+from bench.core import IN_PLACE, Provider
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--suite", "smoke", "--repeat", "1", "--no-progress",
+         "--json", str(out / "run.json"), "--csv", str(out / "run.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    failed = proc.stdout.find("**FAILED rows**")
+    assert proc.returncode == 0, (proc.stdout[failed:] if failed >= 0 else proc.stdout) + proc.stderr
+    return proc.stdout, out
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_table(smoke):
+    stdout, _ = smoke
+    assert stdout.startswith("# diffcore bench — suite smoke")
+    assert "machine: " in stdout and "diffcore CPU kernels:" in stdout and f"torch {torch.__version__}" in stdout
+    header = "| op | workload | variant | mode | provider | p50 ms | p20–p80 ms | vs eager | vs compile |"
+    assert header in stdout
+    for provider in ("diffcore:cpu", "eager reference", "copy (roofline)", "torch.compile[eager](reference)",
+                     "eager reference + randn_like", "torch.randn"):
+        assert f"| {provider} |" in stdout, provider
+    assert "**FAILED**" not in stdout
+    assert "Not run here" in stdout  # triton (without TRITON_INTERPRET) or cuda, with their reasons
+    assert "Targets:" in stdout
+
+
+def test_json_and_csv(smoke):
+    _, out = smoke
+    result = json.loads((out / "run.json").read_text())
+    assert result["config"]["suite"] == "smoke" and result["machine"]["threads"] == 2
+    rows = result["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {"diffusion", "random"} <= {r["family"] for r in ok}
+    assert {r["mode"] for r in ok} == {"allocating", "in-place"}
+    for r in ok:
+        assert r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"] and r["gbps"] > 0, r
+    step = [r for r in ok if r["op"] == "p_step" and r["provider"] == "diffcore:cpu"]
+    assert step and all(r["vs_eager"] is not None and r["copy_share"] is not None for r in step)
+    assert all(r["reason"] for r in rows if r["status"] == "unavailable")
+    with open(out / "run.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and {"p50_ms", "gbps", "copy_share", "vs_eager"} <= set(table[0])
+
+
+def test_compare(smoke, capsys):
+    _, out = smoke
+    run = str(out / "run.json")
+    assert cli.main(["--compare", run, run]) == 0
+    text = capsys.readouterr().out
+    assert "# bench compare" in text and "+0.0%" in text and "within noise" in text
+
+
+def test_mismatch_fails_loudly(monkeypatch, capsys, keep_threads):
+    import bench.random
+
+    real_cases = bench.random.cases
+
+    def with_wrong_provider(config):
+        cases = real_cases(config)
+
+        def setup(inputs):
+            out = inputs["out"]
+            return lambda: out.fill_(0.5)
+
+        cases[0].providers.append(Provider("wrong", IN_PLACE, setup=setup, check=bench.random._check(config.dtype)))
+        return cases
+
+    monkeypatch.setattr(bench.random, "cases", with_wrong_provider)
+    assert cli.main(["--suite", "smoke", "--only", "random", "--no-compile", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "| wrong | **FAILED**" in captured.out and "FAILED rows" in captured.out
+    assert "mismatch" in captured.out and "FAILED" in captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "nope"], "unknown family 'nope'"),
+    (["--threads", "0"], "--threads"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--repeat", "0"], "--repeat"),
+    (["--suite", "huge"], "--suite"),
+    (["--json", "/no/such/dir/out.json"], "does not exist"),
+    (["--compare", "/no/such/old.json", "/no/such/new.json"], "no such file"),
+])
+def test_bad_input(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_rejects_other_json(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text('{"not": "a bench result"}')
+    assert cli.main(["--compare", str(other), str(other)]) == 2
+    assert "not a bench result" in capsys.readouterr().err
+
+
+def test_list(capsys, keep_threads):
+    assert cli.main(["--list", "--suite", "smoke"]) == 0
+    text = capsys.readouterr().out
+    assert "diffusion:" in text and "random:" in text and "diffcore:cpu [in-place]: runs" in text
+
+
+def test_targets_evaluation():
+    from bench.core import Target
+    from bench.report import evaluate_targets, targets_text
+
+    def row(provider, p50, **kw):
+        return {"family": "f", "op": "op", "workload": "w", "shape": [4, 8], "variant": "v", "mode": "in-place",
+                "provider": provider, "status": "ok", "p50_ms": p50, **kw}
+
+    rows = [row("diffcore:cpu", 10.0, copy_share=0.5, vs_eager=20.0), row("other", 30.0)]
+    targets = [
+        Target("f", "op", "w", (4, 8), "v", "in-place", "diffcore:cpu", "vs_provider", 2.0, baseline="other"),
+        Target("f", "op", "w", (4, 8), "v", "in-place", "diffcore:cpu", "copy_share", 0.6),
+        Target("f", "op", "w", (4, 8), "v", "in-place", "diffcore:cpu", "vs_eager", 15.0, threads=1),
+        Target("f", "op", "big", (400, 8), "v", "in-place", "diffcore:cpu", "vs_eager", 15.0),
+    ]
+    result = evaluate_targets(targets, rows, threads=2, dtype="float32")
+    assert result[0]["measured"] == 3.0 and result[0]["met"]
+    assert result[1]["measured"] == 0.5 and result[1]["met"] is False
+    assert result[2]["measured"] is None and "thread count" in result[2]["why"]
+    assert result[3]["measured"] is None and "not in this run" in result[3]["why"]
+    text = targets_text(result)
+    assert "speed-up vs other (in-place) >= 2x — measured 3.0x: met" in text and "**MISSED** (83% of the goal)" in text

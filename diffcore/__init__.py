@@ -11,6 +11,7 @@ import torch
 
 from diffcore import _library, _registry
 from diffcore import random as random
+from diffcore import sde as sde
 from diffcore import sparse as sparse
 from diffcore._registry import implementations, use
 from diffcore.diffusion import Schedule, ddim_step, p_step, p_step_, q_sample, sample

@@ -551,3 +551,81 @@ def _sparse_cases(quick: bool) -> list[Case]:
                         layout=layout,
                     ))
     return cases
+
+
+# === family: sde =================================================================================
+_SDE_SNR = 0.16
+
+
+@functools.cache
+def _sde(kind: str, device: str = "cpu"):
+    """score_sde's default VE (0.01, 50, 1000), VP and sub-VP (0.1, 20, 1000) SDEs."""
+    from diffcore import sde
+
+    if device != "cpu":
+        return _sde(kind).to(device)
+    return {"ve": sde.VESDE, "vp": sde.VPSDE, "subvp": sde.subVPSDE}[kind]()
+
+
+def _sde_time(kind: str, rows: int) -> float | torch.Tensor:
+    """``float``: one time for every row; ``row``: one per row, the ends 0 and 1 included."""
+    if kind == "float":
+        return 0.37
+    t = torch.rand(rows, generator=torch.Generator().manual_seed(rows)) * 0.98 + 0.01
+    t[: min(rows, 2)] = torch.tensor([0.0, 1.0])[: min(rows, 2)]
+    return t
+
+
+@family("sde", ops=("sde_step",),
+        description="langevin_step, reverse_diffusion_step, euler_maruyama_step (x and x_mean); VE, VP, sub-VP")
+def _sde_cases(quick: bool) -> list[Case]:
+    shaped = [((5, 128), "column_major")]
+    if not quick:
+        shaped += [((7, 1001), "row_stride"), ((1, 1), "contiguous"), ((3, 67), "contiguous")]
+    steps = ("langevin", "reverse_diffusion", "euler_maruyama")
+    cases = []
+    for dtype in DTYPES:
+        for shape, layout in shaped:
+            for i, (kind, step) in enumerate((k, s) for k in ("ve", "vp", "subvp") for s in steps):
+                outputs = (i % 2,) if quick else (0, 1)
+                for output in outputs:
+                    cases.append(_sde_step_case(dtype, shape, layout, kind, step, output, ("float", "row")[i % 2]))
+        wide = shaped[0]
+        cases += [  # seeded noise at offsets (the last crosses the 2^32 boundary of the counter)
+            _sde_step_case(dtype, *wide, "vp", "langevin", 0, "row", seed=0, offset=0),
+            _sde_step_case(dtype, *wide, "ve", "reverse_diffusion", 0, "float", seed=2**64 - 1, offset=2**32 - 2),
+        ]
+    return cases
+
+
+def _sde_step_case(dtype, shape, layout, kind, step, output, t_kind, *, seed=None, offset=0) -> Case:
+    """``output`` 0 (x) or 1 (x_mean) of the public ``step`` with given noise, or seeded noise."""
+    from diffcore import sde
+    from diffcore.reference import sde as ref_sde
+
+    t = _sde_time(t_kind, shape[0])
+    dt = -1e-3
+    operands = randn_operands(shape, 3 if seed is None else 2, seed=zlib.crc32(f"sde {shape} {kind} {step}".encode()))
+
+    def call(device, x, s, z=None):
+        the_sde, t_here = _sde(kind, str(device)), _t_on(t, device)
+        kw = dict(noise=z, seed=seed, offset=offset)
+        if step == "langevin":
+            return sde.langevin_step(x, s, _SDE_SNR, the_sde, t=t_here, **kw)[output]
+        if step == "reverse_diffusion":
+            return sde.reverse_diffusion_step(x, s, t_here, the_sde, **kw)[output]
+        return sde.euler_maruyama_step(x, s, t_here, dt, the_sde, **kw)[output]
+
+    def reference(x, s, z=None):
+        if seed is not None:
+            z = stream(x.numel(), seed, offset).reshape(x.shape)
+        if step == "langevin":
+            return ref_sde.langevin_step(x, s, _SDE_SNR, _sde(kind), t, z)[output]
+        if step == "reverse_diffusion":
+            return ref_sde.reverse_diffusion_step(x, s, t, _sde(kind), z)[output]
+        return ref_sde.euler_maruyama_step(x, s, t, dt, _sde(kind), z)[output]
+
+    # seeded, float32: the backends agree to the stream's few ulp (the corrector's batch factor too)
+    agreement = Close(1e-6, NOISE_ATOL) if seed is not None and dtype == torch.float32 else None
+    name = f"{step} {kind} t={t_kind} {('x', 'x_mean')[output]} {_shape_name(shape)}" + _seed_name(seed, offset)
+    return reference_case("sde_step", name, dtype, operands, call, reference, layout=layout, agreement=agreement)

@@ -384,3 +384,122 @@ impl_python(
 )
 
 
+# --- sde family (diffcore.sde) ------------------------------------------------------------------
+# ``sde_step(x, score, coef, noise, seed, offset, snr) -> (Tensor, Tensor)`` (plus ``sde_step_``, in
+# place on ``x`` with ``x_mean`` into ``mean_out`` when given, and ``sde_step_out``). The fused step
+# behind the score-SDE predictors that return ``x_mean`` and the Langevin corrector::
+#
+#     (a, b, c, k) = float64 coef[r] (coef: (B, 4), or (1, 4) for every row)
+#     s            = k score                       (k = 1, or -1 / std for a noise prediction)
+#     g            = 1, or with snr: snr * mean_r ||z_r|| / mean_r ||s_r||   (reduced inside)
+#     x_mean       = a x + b g^2 s,    out = x_mean + c g z
+#     z            = noise, or the Philox stream (seed, offset) over the (B, N) output, or none
+#
+# Returns ``(out, x_mean)``. Steps that return only x (sde_forward, probability_flow_step and the
+# loop's predictor) run ``diffusion_step`` with one coefficient row per batch row instead.
+# Autograd (the functional op): linear in x, score and noise without snr; with snr, through the
+# batch-mean norms too (diffcore.reference.sde.step_backward). Seeded noise is redrawn.
+from diffcore.reference import sde as _ref_sde  # noqa: E402
+
+_SDE_ARGS = "Tensor score, Tensor coef, Tensor? noise, int? seed, int offset, float? snr"
+_lib.define(f"sde_step(Tensor x, {_SDE_ARGS}) -> (Tensor, Tensor)")
+_lib.define(f"sde_step_(Tensor(a!) x, {_SDE_ARGS}, Tensor(b!)? mean_out) -> ()")
+_lib.define(f"sde_step_out(Tensor x, {_SDE_ARGS}, *, Tensor(a!) out, Tensor(b!)? mean_out) -> ()")
+
+SDE_STEP_OPS = ("sde_step", "sde_step_", "sde_step_out")
+
+
+# --- fake kernels -------------------------------------------------------------------------------
+@torch.library.register_fake("diffcore::sde_step")
+def _(x, score, coef, noise, seed, offset, snr):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("diffcore::sde_step_")
+def _(x, score, coef, noise, seed, offset, snr, mean_out):
+    return None
+
+
+@torch.library.register_fake("diffcore::sde_step_out")
+def _(x, score, coef, noise, seed, offset, snr, *, out, mean_out):
+    return None
+
+
+# --- autograd -----------------------------------------------------------------------------------
+def _sde_step_setup(ctx, inputs, output):
+    x, score, coef, noise, seed, offset, snr = inputs
+    ctx.save_for_backward(score, coef, noise)
+    ctx.seed, ctx.offset, ctx.snr = seed, offset, snr
+    ctx.dtypes = (x.dtype, score.dtype, None if noise is None else noise.dtype)
+
+
+def _sde_step_backward(ctx, grad_out, grad_mean):
+    score, coef, noise = ctx.saved_tensors
+    z = noise
+    if noise is None and ctx.seed is not None:
+        z = torch.empty(score.shape, dtype=torch.float32, device=score.device)
+        torch.ops.diffcore.random_normal_(z, ctx.seed, ctx.offset)
+    grad_x, grad_s, grad_z = _ref_sde.step_backward(score, coef, z, ctx.snr, grad_out, grad_mean)
+    x_dtype, s_dtype, z_dtype = ctx.dtypes
+    grad_z = None if noise is None else grad_z.to(z_dtype)
+    return grad_x.to(x_dtype), grad_s.to(s_dtype), None, grad_z, None, None, None
+
+
+torch.library.register_autograd("diffcore::sde_step", _sde_step_backward, setup_context=_sde_step_setup)
+
+
+# --- implementations (out form: the op's arguments, then out and mean_out) ----------------------
+def _reference_sde_step_out(x, score, coef, noise, seed, offset, snr, out, mean_out):
+    result, mean = _ref_sde.step(x, score, coef, noise, seed, offset, snr)
+    if mean_out is not None:
+        mean_out.copy_(mean)
+    out.copy_(result)
+
+
+def _cpu_sde_step_out(x, score, coef, noise, seed, offset, snr, out, mean_out):
+    args = (score, coef, noise, seed, offset, snr)
+    if out is x:
+        torch.ops.diffcore.sde_step_(x, *args, mean_out)
+    else:
+        torch.ops.diffcore.sde_step_out(x, *args, out=out, mean_out=mean_out)
+
+
+def _triton_sde_step_out(*args):
+    _kernels("sde").sde_step_out(*args)
+
+
+_registry.register("sde_step", "reference", _reference_sde_step_out, devices=("cpu", "cuda"))
+_registry.register("sde_step", "cpu", _cpu_sde_step_out, devices=("cpu",), unavailable=_extension_reason)
+_registry.register(
+    "sde_step", "triton", _triton_sde_step_out, devices=("cpu", "cuda"), unavailable=_triton_unavailable
+)
+
+
+# --- Python backends: the reference without _C, Triton for CUDA tensors -------------------------
+def _sde_functional(impl):
+    def run(x, score, coef, noise, seed, offset, snr):
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        mean = torch.empty_like(x, memory_format=torch.contiguous_format)
+        impl(x, score, coef, noise, seed, offset, snr, out, mean)
+        return out, mean
+
+    return run
+
+
+def _sde_inplace(impl):
+    def run(x, score, coef, noise, seed, offset, snr, mean_out):
+        impl(x, score, coef, noise, seed, offset, snr, x, mean_out)
+
+    return run
+
+
+def _sde_out(impl):
+    def run(x, score, coef, noise, seed, offset, snr, *, out, mean_out):
+        impl(x, score, coef, noise, seed, offset, snr, out, mean_out)
+
+    return run
+
+
+for _op, _wrap in zip(SDE_STEP_OPS, (_sde_functional, _sde_inplace, _sde_out)):
+    impl_python(_op, _wrap, cpu_fallback=_reference_sde_step_out, cuda=_triton_sde_step_out)

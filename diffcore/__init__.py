@@ -13,6 +13,7 @@ from diffcore import _library, _registry
 from diffcore import random as random
 from diffcore import sde as sde
 from diffcore import sparse as sparse
+from diffcore import sphere as sphere
 from diffcore._registry import implementations, use
 from diffcore.diffusion import Schedule, ddim_step, p_step, p_step_, q_sample, sample
 

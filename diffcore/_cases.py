@@ -553,6 +553,92 @@ def _sparse_cases(quick: bool) -> list[Case]:
     return cases
 
 
+# === family: sphere ==============================================================================
+@functools.cache
+def _sphere_operands(shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, ...]:
+    """Points x, vectors v and points y (float32, off the sphere) with the family's edge rows:
+    v = 0, y = x, y = -x (antipodal), y next to x, y = 2x."""
+    g = torch.Generator().manual_seed(seed)
+    x, v, y = (torch.randn(shape, generator=g) for _ in range(3))
+    for row, edit in enumerate((lambda: v[0].zero_(), lambda: y[1].copy_(x[1]), lambda: y[2].copy_(-x[2]),
+                                lambda: y[3].copy_(x[3] + 1e-3 * v[3]), lambda: y[4].copy_(2 * x[4]))):
+        if row < shape[0]:
+            edit()
+    return x, v, y
+
+
+@family("sphere", ops=("sphere_normalize", "sphere_project", "sphere_expmap", "sphere_logmap",
+                       "sphere_geodesic_distance", "sphere_q_sample", "sphere_p_step"),
+        description="normalize, project, expmap, logmap, geodesic_distance, q_sample, p_step; edge rows")
+def _sphere_cases(quick: bool) -> list[Case]:
+    from diffcore import sphere
+    from diffcore.reference import sphere as ref_sphere
+
+    shapes = [(6, 63)] if quick else [(6, 63), (7, 257), (5, 1), (6, 3)]
+    layouts = ["column_major"] if quick else list(LAYOUTS)
+    maps = {  # op: (public call, reference, operands picked from (x, v, y))
+        "normalize": (sphere.normalize, ref_sphere.normalize, (0,)),
+        "project": (sphere.project, ref_sphere.project, (0, 1)),
+        "expmap": (sphere.expmap, ref_sphere.expmap, (0, 1)),
+        "logmap": (sphere.logmap, ref_sphere.logmap, (0, 2)),
+        "geodesic_distance": (sphere.geodesic_distance, ref_sphere.geodesic_distance, (0, 2)),
+    }
+    schedule = diffcore.Schedule.linear(50)
+    cases = []
+    for dtype in DTYPES:
+        for shape in shapes:
+            t = torch.arange(shape[0]) * 7 % 50
+            for layout in layouts:
+                for op, (call, reference, picks) in maps.items():
+                    cases.append(reference_case(
+                        f"sphere_{op}", f"{op} {_shape_name(shape)}", dtype,
+                        lambda s=shape, p=picks: tuple(_sphere_operands(s, 51)[i] for i in p),
+                        lambda device, *a, call=call: call(*a), reference, layout=layout,
+                    ))
+                for seed in (None, 2**63 + 3):
+                    cases += _sphere_step_cases(dtype, shape, layout, t, schedule, seed)
+    return cases
+
+
+def _sphere_step_cases(dtype, shape, layout, t, schedule, seed) -> list[Case]:
+    """q_sample and p_step (eps prediction, guidance) with given noise, or seeded noise at an offset."""
+    from diffcore import sphere
+    from diffcore.reference import sphere as ref_sphere
+
+    offset = 5
+    seeded = seed is not None
+    operands = (lambda: _sphere_operands(shape, 52)[:2]) if seeded else (lambda: _sphere_operands(shape, 52))
+
+    def noise(z: torch.Tensor | None) -> torch.Tensor:  # the given z, or the stream (float32, as drawn)
+        return stream(math.prod(shape), seed, offset).reshape(shape) if seeded else z
+
+    def kwargs() -> dict:
+        return {"seed": seed, "offset": offset} if seeded else {}
+
+    def q_call(device, x, v, z=None):
+        return sphere.q_sample(x, t.to(device), schedule.to(device), noise=z, **kwargs())
+
+    def q_ref(x, v, z=None):
+        return ref_sphere.q_sample(x, t, schedule, noise(z))
+
+    def p_call(device, x, m, z=None):
+        return sphere.p_step(x, m, t.to(device), schedule.to(device), prediction="eps", uncond_out=x,
+                             guidance_scale=0.5, noise=z, **kwargs())
+
+    def p_ref(x, m, z=None):
+        return ref_sphere.p_step(x, m, t, schedule, prediction="eps", uncond_out=x, guidance_scale=0.5,
+                                 noise=noise(z))
+
+    agreement = Close(0.0, NOISE_ATOL) if seeded and dtype == torch.float32 else None
+    name = _shape_name(shape) + _seed_name(seed, offset)
+    return [
+        reference_case("sphere_q_sample", f"q_sample {name}", dtype, operands, q_call, q_ref, layout=layout,
+                       agreement=agreement),
+        reference_case("sphere_p_step", f"p_step {name}", dtype, operands, p_call, p_ref, layout=layout,
+                       agreement=agreement),
+    ]
+
+
 # === family: sde =================================================================================
 _SDE_SNR = 0.16
 

@@ -268,6 +268,272 @@ if _C is None:
 # entries (_registry.register) and Python backends (impl_python), in that order.
 
 
+# --- sphere family (diffcore.sphere) ------------------------------------------------------------
+# Ops (``torch.ops.diffcore.<name>``), row-wise over (B, d); float32/float16/bfloat16 rows compute
+# in float32, float64 rows in float64; x^ = x / |x| (off-sphere points are projected; a zero point
+# row raises ValueError). The meaning is diffcore.reference.sphere:
+#
+# ``sphere_normalize(x, eps) -> Tensor``               x / max(|x|, eps); eps = 0 and a zero row raise
+# ``sphere_project(x, v) -> Tensor``                   v - <x^, v> x^
+# ``sphere_expmap(x, v) -> Tensor``                    cos|u| x^ + sinc|u| u,  u = project(x, v)
+# ``sphere_logmap(x, y) -> Tensor``                    theta / sin(theta) (y^ - cos(theta) x^)
+# ``sphere_geodesic_distance(x, y) -> Tensor``         (B,) theta = 2 atan2(|y^ - x^|, |y^ + x^|)
+# ``sphere_q_sample(x0, t, table, noise, seed, offset) -> Tensor``  (and ``_``, ``_out``)
+#     expmap(x0, s z), s = float32(table[t]) (table: (K,) sqrt(1 - ab)), z = noise or the Philox
+#     stream (seed, offset) over the (B, d) output; exactly one of noise and seed.
+# ``sphere_p_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t) -> Tensor``
+#     (and ``_``, ``_out``): y / max(|y|, 1e-12), y = the ``diffusion_step`` of the same arguments.
+#
+# Autograd (the functional ops): the vector-Jacobian products of diffcore.reference.sphere, in
+# torch ops; finite at v = 0, y = x and y = -x. Seeded noise is redrawn for the backward.
+from diffcore.reference import sphere as _ref_sphere  # noqa: E402
+
+_SPHERE_Q_ARGS = "Tensor t, Tensor table, Tensor? noise, int? seed, int offset"
+_SPHERE_P_ARGS = (
+    "Tensor f, Tensor? f_uncond, float guidance, Tensor t, Tensor table, Tensor? noise, int? seed, "
+    "int offset, bool clamp_t"
+)
+_lib.define("sphere_normalize(Tensor x, float eps) -> Tensor")
+_lib.define("sphere_project(Tensor x, Tensor v) -> Tensor")
+_lib.define("sphere_expmap(Tensor x, Tensor v) -> Tensor")
+_lib.define("sphere_logmap(Tensor x, Tensor y) -> Tensor")
+_lib.define("sphere_geodesic_distance(Tensor x, Tensor y) -> Tensor")
+_lib.define(f"sphere_q_sample(Tensor x0, {_SPHERE_Q_ARGS}) -> Tensor")
+_lib.define(f"sphere_q_sample_(Tensor(a!) x0, {_SPHERE_Q_ARGS}) -> ()")
+_lib.define(f"sphere_q_sample_out(Tensor x0, {_SPHERE_Q_ARGS}, *, Tensor(a!) out) -> ()")
+_lib.define(f"sphere_p_step(Tensor x, {_SPHERE_P_ARGS}) -> Tensor")
+_lib.define(f"sphere_p_step_(Tensor(a!) x, {_SPHERE_P_ARGS}) -> ()")
+_lib.define(f"sphere_p_step_out(Tensor x, {_SPHERE_P_ARGS}, *, Tensor(a!) out) -> ()")
+
+SPHERE_MAP_OPS = ("sphere_normalize", "sphere_project", "sphere_expmap", "sphere_logmap", "sphere_geodesic_distance")
+SPHERE_Q_OPS = ("sphere_q_sample", "sphere_q_sample_", "sphere_q_sample_out")
+SPHERE_P_OPS = ("sphere_p_step", "sphere_p_step_", "sphere_p_step_out")
+
+
+# --- fake kernels -------------------------------------------------------------------------------
+def _sphere_rows_like(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+torch.library.register_fake("diffcore::sphere_normalize")(lambda x, eps: _sphere_rows_like(x))
+for _op in ("sphere_project", "sphere_expmap", "sphere_logmap"):
+    torch.library.register_fake(f"diffcore::{_op}")(lambda x, v: _sphere_rows_like(x))
+torch.library.register_fake("diffcore::sphere_geodesic_distance")(lambda x, y: x.new_empty(x.shape[0]))
+
+
+@torch.library.register_fake("diffcore::sphere_q_sample")
+def _(x0, t, table, noise, seed, offset):
+    return _sphere_rows_like(x0)
+
+
+@torch.library.register_fake("diffcore::sphere_q_sample_")
+def _(x0, t, table, noise, seed, offset):
+    return None
+
+
+@torch.library.register_fake("diffcore::sphere_q_sample_out")
+def _(x0, t, table, noise, seed, offset, *, out):
+    return None
+
+
+@torch.library.register_fake("diffcore::sphere_p_step")
+def _(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t):
+    return _sphere_rows_like(x)
+
+
+@torch.library.register_fake("diffcore::sphere_p_step_")
+def _(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t):
+    return None
+
+
+@torch.library.register_fake("diffcore::sphere_p_step_out")
+def _(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, *, out):
+    return None
+
+
+# --- autograd -----------------------------------------------------------------------------------
+def _sphere_save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*(i for i in inputs if isinstance(i, torch.Tensor)))
+
+
+def _sphere_normalize_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.eps = inputs[1]
+
+
+torch.library.register_autograd(
+    "diffcore::sphere_normalize",
+    lambda ctx, grad: (_ref_sphere.normalize_backward(ctx.saved_tensors[0], ctx.eps, grad), None),
+    setup_context=_sphere_normalize_setup,
+)
+for _op, _vjp in (
+    ("sphere_project", _ref_sphere.project_backward),
+    ("sphere_expmap", _ref_sphere.expmap_backward),
+    ("sphere_logmap", _ref_sphere.logmap_backward),
+    ("sphere_geodesic_distance", _ref_sphere.geodesic_distance_backward),
+):
+    torch.library.register_autograd(
+        f"diffcore::{_op}",
+        lambda ctx, grad, _vjp=_vjp: _vjp(*ctx.saved_tensors, grad),
+        setup_context=_sphere_save_inputs,
+    )
+
+
+def _sphere_noise(x, noise, seed, offset):
+    """The noise an op added: the given tensor, or the Philox stream redrawn (float32, (B, d))."""
+    if noise is not None or seed is None:
+        return noise
+    z = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    torch.ops.diffcore.random_normal_(z, seed, offset)
+    return z
+
+
+def _sphere_q_setup(ctx, inputs, output):
+    x0, t, table, noise, seed, offset = inputs
+    ctx.save_for_backward(x0, t, table, noise)
+    ctx.seed, ctx.offset = seed, offset
+
+
+def _sphere_q_backward(ctx, grad):
+    x0, t, table, noise = ctx.saved_tensors
+    given = noise is not None
+    z = _sphere_noise(x0, noise, ctx.seed, ctx.offset)
+    grad_x, grad_z = _ref_sphere.q_sample_backward(x0, t, table, z, grad)
+    return grad_x, None, None, grad_z if given else None, None, None
+
+
+def _sphere_p_setup(ctx, inputs, output):
+    x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t = inputs
+    ctx.save_for_backward(x, f, f_uncond, t, table, noise)
+    ctx.guidance, ctx.seed, ctx.offset, ctx.clamp_t = guidance, seed, offset, clamp_t
+
+
+def _sphere_p_backward(ctx, grad):
+    x, f, f_uncond, t, table, noise = ctx.saved_tensors
+    given = noise is not None
+    z = _sphere_noise(x, noise, ctx.seed, ctx.offset)
+    grads = _ref_sphere.p_step_backward(x, f, f_uncond, ctx.guidance, t, table, z, ctx.clamp_t, grad)
+    grad_x, grad_f, grad_u, grad_z = grads
+    return grad_x, grad_f, grad_u, None, None, None, grad_z if given else None, None, None, None
+
+
+torch.library.register_autograd("diffcore::sphere_q_sample", _sphere_q_backward, setup_context=_sphere_q_setup)
+torch.library.register_autograd("diffcore::sphere_p_step", _sphere_p_backward, setup_context=_sphere_p_setup)
+
+
+# --- implementations (out form: the op's arguments, then out) -----------------------------------
+def _sphere_check_t(t, table, clamp_t=False):
+    """The reference's twin of the kernels' timestep check (tensor values: raises RuntimeError)."""
+    k = t.clamp(max=table.shape[0] - 1) if clamp_t else t
+    outside = (k < 0) | (k >= table.shape[0])
+    if bool(outside.any()):
+        i = int(outside.reshape(-1).nonzero()[0, 0])
+        raise RuntimeError(f"t: every timestep must lie in [0, {table.shape[0]}), got t[{i}] = {int(t.reshape(-1)[i])}")
+
+
+def _reference_sphere_normalize(x, eps, out):
+    out.copy_(_ref_sphere.normalize(x, eps))
+
+
+def _reference_sphere_points(fn, second):
+    def run(x, y, out):
+        _ref_sphere.check_points("x", x)
+        if second is not None:
+            _ref_sphere.check_points(second, y)
+        out.copy_(fn(x, y))
+
+    return run
+
+
+def _reference_sphere_q_sample(x0, t, table, noise, seed, offset, out):
+    _ref_sphere.check_points("x0", x0)
+    _sphere_check_t(t, table)
+    out.copy_(_ref_sphere.q_sample_op(x0, t, table, noise, seed, offset))
+
+
+def _reference_sphere_p_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out):
+    _sphere_check_t(t, table, clamp_t)
+    out.copy_(_ref_sphere.p_step_op(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t))
+
+
+def _cpu_sphere_map(op):
+    def run(*args):
+        *inputs, out = args
+        out.copy_(getattr(torch.ops.diffcore, op)(*inputs))
+
+    return run
+
+
+def _cpu_sphere_mutating(op):
+    def run(x, *args):
+        *args, out = args
+        if out is x:
+            getattr(torch.ops.diffcore, f"{op}_")(x, *args)
+        else:
+            getattr(torch.ops.diffcore, f"{op}_out")(x, *args, out=out)
+
+    return run
+
+
+def _triton_sphere(name):
+    def run(*args):
+        getattr(_kernels("sphere"), name)(*args)
+
+    return run
+
+
+_SPHERE_REFERENCES = {
+    "sphere_normalize": _reference_sphere_normalize,
+    "sphere_project": _reference_sphere_points(_ref_sphere.project, None),
+    "sphere_expmap": _reference_sphere_points(_ref_sphere.expmap, None),
+    "sphere_logmap": _reference_sphere_points(_ref_sphere.logmap, "y"),
+    "sphere_geodesic_distance": _reference_sphere_points(_ref_sphere.geodesic_distance, "y"),
+    "sphere_q_sample": _reference_sphere_q_sample,
+    "sphere_p_step": _reference_sphere_p_step,
+}
+for _op, _ref_impl in _SPHERE_REFERENCES.items():
+    _cpu_impl = _cpu_sphere_mutating(_op) if _op in ("sphere_q_sample", "sphere_p_step") else _cpu_sphere_map(_op)
+    _registry.register(_op, "reference", _ref_impl, devices=("cpu", "cuda"))
+    _registry.register(_op, "cpu", _cpu_impl, devices=("cpu",), unavailable=_extension_reason)
+    _registry.register(
+        _op, "triton", _triton_sphere(f"{_op}_out"), devices=("cpu", "cuda"), unavailable=_triton_unavailable
+    )
+
+
+# --- dispatch of the ops to Python backends -----------------------------------------------------
+def _sphere_functional(impl, rows_out=True):
+    def run(x, *args):
+        out = _sphere_rows_like(x) if rows_out else x.new_empty(x.shape[0])
+        impl(x, *args, out)
+        return out
+
+    return run
+
+
+def _sphere_inplace(impl):
+    def run(x, *args):
+        impl(x, *args, x)
+
+    return run
+
+
+def _sphere_out(impl):
+    def run(x, *args, out):
+        impl(x, *args, out)
+
+    return run
+
+
+for _op in SPHERE_MAP_OPS:
+    impl_python(
+        _op, functools.partial(_sphere_functional, rows_out=_op != "sphere_geodesic_distance"),
+        cpu_fallback=_SPHERE_REFERENCES[_op], cuda=_triton_sphere(f"{_op}_out"),
+    )
+for _family, _ops in (("sphere_q_sample", SPHERE_Q_OPS), ("sphere_p_step", SPHERE_P_OPS)):
+    for _op, _wrap in zip(_ops, (_sphere_functional, _sphere_inplace, _sphere_out)):
+        impl_python(_op, _wrap, cpu_fallback=_SPHERE_REFERENCES[_family], cuda=_triton_sphere(f"{_family}_out"))
+
+
 # --- sparse family (diffcore.sparse) ------------------------------------------------------------
 # Ops (``torch.ops.diffcore.<name>``); the meaning is diffcore.reference.sparse:
 #

@@ -1,0 +1,820 @@
+// sphere family, CPU: normalize, tangent projection, exp/log maps, geodesic distance, geodesic
+// q_sample and the sphere p_step, row by row over (B, d).
+//
+//   x^ = x / |x|   (off-sphere points are projected; a zero point row raises ValueError)
+//   normalize  out = x / max(|x|, eps)              (eps = 0 and a zero row: ValueError)
+//   project    out = v - <x^, v> x^
+//   expmap     out = cos(th) x^ + sinc(th) u,       u = v - <x^, v> x^, th = |u|
+//   logmap     out = th / sin(th) w,                w = y^ - cos(th) x^
+//   distance   out = th = 2 atan2(|y^ - x^|, |y^ + x^|)
+//   q_sample   expmap(x0, s z),      s = float32(table[t[r]]), z = noise or Philox(seed, offset)
+//   p_step     y / max(|y|, 1e-12),  y = a x + b ((1 + w) f - w u) + c z, (a, b, c) = table[t[r]]
+// Philox noise takes element r * d + j of the stream. sin(th)/th and th/sin(th) use their series
+// below th^2 = 1e-4. Exactly antipodal logmap rows (y^ + x^ == 0) take the geodesic towards e_k,
+// k = 0 if |x_0| <= |x_1| else 1 (0 when d = 1). diffcore/reference/sphere.py is the meaning.
+//
+// Rows go in blocks of up to one vector's worth: one sweep reduces each row's dot products, the
+// block's row scalars (cos, sin, atan2) are computed as one vector (SLEEF in the AVX2/AVX512
+// builds), one sweep writes each row from L1 (logmap and distance add a sweep for the chords,
+// which need the norms first; p_step keeps y in a per-thread row buffer). Seeded steps draw a
+// block's noise as one stretch of the stream (its rows are consecutive in it) before using it.
+// float32, float16 and bfloat16 rows compute in float32 with at::vec; float64 rows in float64
+// with scalar loops.
+// Compiled once per instruction set; the DEFAULT build also holds the op entry points.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <diffcore/checks.h>
+#include <diffcore/cpu_isa.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "philox_vec.h"
+
+namespace diffcore::cpu {
+
+enum class SphereMap : int { kNormalize, kProject, kExpmap, kLogmap, kDistance };
+
+// Raw views of a sphere op's operands: (rows, cols) with unit column stride, row strides in
+// elements. `out` of kDistance is (rows,) with element stride out_stride.
+struct SphereOperands {
+  int64_t rows = 0, cols = 0;
+  void* out = nullptr;
+  int64_t out_stride = 0;
+  const void* x = nullptr;  // base point x (x0, x_t)
+  int64_t x_stride = 0;
+  const void* v = nullptr;  // v (project, expmap), y (logmap, distance), model output (p_step)
+  int64_t v_stride = 0;
+  const void* u = nullptr;  // unconditional model output (p_step with guidance)
+  int64_t u_stride = 0;
+  const void* noise = nullptr;  // given noise (q_sample, p_step)
+  int64_t noise_stride = 0;
+  const float* coef = nullptr;  // q_sample: (rows,) s; p_step: (rows, 3) a, b, c
+  double eps = 0.0;             // normalize
+  float guidance = 0.0f;
+  bool seeded = false;
+  uint64_t seed = 0, offset = 0;
+};
+
+// The first offending row found by a kernel, as 2 * row + operand (0: x, 1: y), or -1.
+class BadRow {
+ public:
+  void flag(int64_t row, int operand) {
+    const int64_t code = 2 * row + operand;
+    int64_t cur = first_.load(std::memory_order_relaxed);
+    while ((cur < 0 || code < cur) && !first_.compare_exchange_weak(cur, code)) {
+    }
+  }
+  int64_t get() const { return first_.load(); }
+
+ private:
+  std::atomic<int64_t> first_{-1};
+};
+
+inline namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kStep = 2 * kLanes;  // elements per vector iteration (two float vectors)
+constexpr double kSeriesBelow = 1e-4;  // th^2 under which the series forms are used
+constexpr double kPStepEps = 1e-12;
+
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+constexpr bool kVectorised = !std::is_same_v<T, double>;
+
+template <typename T>
+inline void load2(const T* p, FVec& lo, FVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo = FVec::loadu(p);
+    hi = FVec::loadu(p + kLanes);
+  } else {
+    at::vec::load_to_float<T>(p, lo, hi);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const FVec& lo, const FVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo.store(p);
+    hi.store(p + kLanes);
+  } else {
+    at::vec::convert_from_float<T>(lo, hi).store(p);
+  }
+}
+
+inline float hsum(const FVec& v) {
+  alignas(64) float lanes[kLanes];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+template <typename A>
+inline A sinc(A theta) {  // sin(th) / th
+  const A t2 = theta * theta;
+  if (t2 < static_cast<A>(kSeriesBelow)) return A(1) - t2 / A(6) + t2 * t2 / A(120);
+  return std::sin(theta) / theta;
+}
+
+template <typename A>
+inline A inv_sinc(A theta) {  // th / sin(th), th in [0, pi)
+  const A t2 = theta * theta;
+  if (t2 < static_cast<A>(kSeriesBelow))
+    return A(1) + t2 * (A(1) / A(6) + t2 * (A(7) / A(360) + t2 * (A(31) / A(15120))));
+  return theta / std::sin(theta);
+}
+
+// out[j] = alpha x[j] + beta v[j] (v null: alpha x[j]); V is T or float (a noise buffer).
+template <typename T, typename V>
+void axpby_row(T* out, Acc<T> alpha, const T* x, Acc<T> beta, const V* v, int64_t n) {
+  int64_t j = 0;
+  if constexpr (kVectorised<T>) {
+    const FVec va(alpha), vb(beta);
+    for (; j + kStep <= n; j += kStep) {
+      FVec x0, x1;
+      load2(x + j, x0, x1);
+      x0 = va * x0;
+      x1 = va * x1;
+      if (v != nullptr) {
+        FVec v0, v1;
+        load2(v + j, v0, v1);
+        x0 = at::vec::fmadd(vb, v0, x0);
+        x1 = at::vec::fmadd(vb, v1, x1);
+      }
+      store2(out + j, x0, x1);
+    }
+  }
+  for (; j < n; ++j) {
+    Acc<T> r = alpha * static_cast<Acc<T>>(x[j]);
+    if (v != nullptr) r += beta * static_cast<Acc<T>>(v[j]);
+    out[j] = static_cast<T>(r);
+  }
+}
+
+// Sums over one row: |x|^2, <x, v>, |v|^2 (v null: only |x|^2).
+template <typename T, typename V>
+void dots_row(const T* x, const V* v, int64_t n, Acc<T>& xx, Acc<T>& xv, Acc<T>& vv) {
+  using A = Acc<T>;
+  xx = xv = vv = A(0);
+  int64_t j = 0;
+  if constexpr (kVectorised<T>) {
+    FVec sxx(0.0f), sxv(0.0f), svv(0.0f);
+    for (; j + kStep <= n; j += kStep) {
+      FVec x0, x1;
+      load2(x + j, x0, x1);
+      sxx = at::vec::fmadd(x0, x0, at::vec::fmadd(x1, x1, sxx));
+      if (v != nullptr) {
+        FVec v0, v1;
+        load2(v + j, v0, v1);
+        sxv = at::vec::fmadd(x0, v0, at::vec::fmadd(x1, v1, sxv));
+        svv = at::vec::fmadd(v0, v0, at::vec::fmadd(v1, v1, svv));
+      }
+    }
+    xx = hsum(sxx);
+    xv = hsum(sxv);
+    vv = hsum(svv);
+  }
+  for (; j < n; ++j) {
+    const A xj = static_cast<A>(x[j]);
+    xx += xj * xj;
+    if (v != nullptr) {
+      const A vj = static_cast<A>(v[j]);
+      xv += xj * vj;
+      vv += vj * vj;
+    }
+  }
+}
+
+// Rows per task: at least ~32K elements, so small d does not pay a task per row.
+inline int64_t row_grain(int64_t cols) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+}
+
+// Rows per block: the rows whose scalar math (cos, sin, atan2) runs as one vector, between the
+// sweep that reduces them and the one that writes them; small enough to stay in L1 between the two.
+inline int64_t block_rows(int64_t cols) {
+  return std::clamp<int64_t>(4096 / std::max<int64_t>(cols, 1), 1, kLanes);
+}
+
+// expmap coefficients of a block: out = alpha x + beta v for exp_x^(s P v), from the sums
+// xx = |x|^2, xv = <x, v>, vv = |v|^2: lambda = xv / xx, th = s sqrt(vv - xv lambda),
+// beta = s sinc(th), alpha = cos(th) / |x| - beta lambda. Lanes of zero rows give garbage.
+inline void exp_coefficients(const float* xx, const float* xv, const float* vv, const float* s,
+                             float* alpha, float* beta) {
+  const FVec vxx = FVec::loadu(xx), vxv = FVec::loadu(xv), vvv = FVec::loadu(vv);
+  const FVec vs = FVec::loadu(s);
+  const FVec one(1.0f), lam = vxv / vxx;
+  const FVec theta = vs * at::vec::maximum(vvv - vxv * lam, FVec(0.0f)).sqrt();
+  const FVec t2 = theta * theta, small = t2 < FVec(static_cast<float>(kSeriesBelow));
+  const FVec safe = FVec::blendv(theta, one, small);
+  const FVec series = one - t2 / FVec(6.0f) + t2 * t2 / FVec(120.0f);
+  const FVec b = FVec::blendv(safe.sin() / safe, series, small) * vs;
+  b.store(beta);
+  (theta.cos() / vxx.sqrt() - b * lam).store(alpha);
+}
+
+inline void exp_coefficients(const double* xx, const double* xv, const double* vv,
+                             const double* s, double* alpha, double* beta) {
+  for (int64_t i = 0; i < kLanes; ++i) {
+    const double lam = xv[i] / xx[i];
+    const double theta = s[i] * std::sqrt(std::max(vv[i] - xv[i] * lam, 0.0));
+    beta[i] = sinc(theta) * s[i];
+    alpha[i] = std::cos(theta) / std::sqrt(xx[i]) - beta[i] * lam;
+  }
+}
+
+// logmap / distance coefficients of a block from the chords p, q: theta = 2 atan2(sqrt p, sqrt q)
+// and r = theta / sin(theta) (its series near 0; meaningless where q = 0, handled per row).
+inline void log_coefficients(const float* p, const float* q, float* theta, float* r) {
+  const FVec vp = FVec::loadu(p), vq = FVec::loadu(q), one(1.0f);
+  const FVec th = FVec(2.0f) * vp.sqrt().atan2(vq.sqrt());
+  th.store(theta);
+  const FVec t2 = th * th, small = t2 < FVec(static_cast<float>(kSeriesBelow));
+  const FVec safe = FVec::blendv(th, one, small);
+  const FVec series =
+      one + t2 * (FVec(1.0f / 6.0f) + t2 * (FVec(7.0f / 360.0f) + t2 * FVec(31.0f / 15120.0f)));
+  FVec::blendv(safe / safe.sin(), series, small).store(r);
+}
+
+inline void log_coefficients(const double* p, const double* q, double* theta, double* r) {
+  for (int64_t i = 0; i < kLanes; ++i) {
+    theta[i] = 2.0 * std::atan2(std::sqrt(p[i]), std::sqrt(q[i]));
+    r[i] = inv_sinc(theta[i]);
+  }
+}
+
+// The squared chords of the rows at a common scale: P = |rho y - x|^2, Q = |rho y + x|^2 with
+// rho = |x| / |y| (so P / |x|^2 = |y^ - x^|^2). rho is exactly 1 for y = +-x, which keeps P (Q)
+// exactly 0 there even where the compiler fuses rho y - x into one fma.
+template <typename T>
+void chords_row(const T* x, const T* y, int64_t n, Acc<T> rho, Acc<T>& p, Acc<T>& q) {
+  using A = Acc<T>;
+  p = q = A(0);
+  int64_t j = 0;
+  if constexpr (kVectorised<T>) {
+    const FVec vrho(rho);
+    FVec sp(0.0f), sq(0.0f);
+    for (; j + kStep <= n; j += kStep) {
+      FVec x0, x1, y0, y1;
+      load2(x + j, x0, x1);
+      load2(y + j, y0, y1);
+      y0 = vrho * y0;
+      y1 = vrho * y1;
+      const FVec d0 = y0 - x0, d1 = y1 - x1, e0 = y0 + x0, e1 = y1 + x1;
+      sp = at::vec::fmadd(d0, d0, at::vec::fmadd(d1, d1, sp));
+      sq = at::vec::fmadd(e0, e0, at::vec::fmadd(e1, e1, sq));
+    }
+    p = hsum(sp);
+    q = hsum(sq);
+  }
+  for (; j < n; ++j) {
+    const A xj = static_cast<A>(x[j]), yj = rho * static_cast<A>(y[j]);
+    p += (yj - xj) * (yj - xj);
+    q += (yj + xj) * (yj + xj);
+  }
+}
+
+// Writes logmap's row from its chords: w = (rho y + sigma x) + mu x, the chord next to y^ and its
+// 1 -+ cos(th) correction, scaled by r / |x|. Exactly antipodal rows (q == 0) take the geodesic
+// towards e_k, k = 0 if |x_0| <= |x_1| else 1; d = 1 (S^0, no tangent directions) gives 0.
+template <typename T>
+void log_write(T* out, const T* x, const T* y, int64_t n, Acc<T> xx, Acc<T> rho, Acc<T> p, Acc<T> q,
+               Acc<T> theta, Acc<T> r) {
+  using A = Acc<T>;
+  const A rx = A(1) / std::sqrt(xx);
+  if (n == 1) {
+    out[0] = static_cast<T>(0);
+    return;
+  }
+  if (q == A(0)) {
+    const int64_t k = std::abs(static_cast<A>(x[0])) <= std::abs(static_cast<A>(x[1])) ? 0 : 1;
+    const A xk = rx * static_cast<A>(x[k]);
+    const A scale = theta / std::sqrt(A(1) - xk * xk);
+    axpby_row<T, T>(out, -scale * xk * rx, x, A(0), nullptr, n);
+    out[k] = static_cast<T>(scale * (A(1) - xk * xk));
+    return;
+  }
+  const A sigma = p <= q ? A(-1) : A(1);
+  const A mu = p <= q ? A(2) * p / (p + q) : A(-2) * q / (p + q);
+  r *= rx;
+  int64_t j = 0;
+  if constexpr (kVectorised<T>) {
+    const FVec vrho(rho), vsigma(sigma), vmu(mu), vr(r);
+    for (; j + kStep <= n; j += kStep) {
+      FVec x0, x1, y0, y1;
+      load2(x + j, x0, x1);
+      load2(y + j, y0, y1);
+      const FVec w0 = at::vec::fmadd(vmu, x0, at::vec::fmadd(vrho, y0, vsigma * x0));
+      const FVec w1 = at::vec::fmadd(vmu, x1, at::vec::fmadd(vrho, y1, vsigma * x1));
+      store2(out + j, vr * w0, vr * w1);
+    }
+  }
+  for (; j < n; ++j) {
+    const A xj = static_cast<A>(x[j]);
+    out[j] = static_cast<T>(r * ((rho * static_cast<A>(y[j]) + sigma * xj) + mu * xj));
+  }
+}
+
+// The rows [begin, end) of normalize, project, expmap, logmap or distance, a block at a time:
+// reduce each row, compute the block's row scalars as vectors, write each row.
+template <typename T>
+void map_rows(SphereMap map, const SphereOperands& op, int64_t begin, int64_t end, BadRow& bad) {
+  using A = Acc<T>;
+  const int64_t n = op.cols, rows_per_block = block_rows(n);
+  const bool has_v = map != SphereMap::kNormalize;
+  for (int64_t r0 = begin; r0 < end; r0 += rows_per_block) {
+    const int64_t m = std::min(rows_per_block, end - r0);
+    alignas(64) A xx[kLanes], xv[kLanes], vv[kLanes], p[kLanes], q[kLanes], rho[kLanes];
+    alignas(64) A one[kLanes], alpha[kLanes], beta[kLanes];
+    std::fill(xx, xx + kLanes, A(1));  // lanes without a row stay finite
+    std::fill(xv, xv + kLanes, A(0));
+    std::fill(vv, vv + kLanes, A(1));
+    std::fill(p, p + kLanes, A(1));
+    std::fill(q, q + kLanes, A(1));
+    std::fill(rho, rho + kLanes, A(1));
+    std::fill(one, one + kLanes, A(1));
+    const bool logs = map == SphereMap::kLogmap || map == SphereMap::kDistance;
+    bool zero[kLanes] = {};  // rows that raise: skipped
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t r = r0 + i;
+      const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
+      const T* v = has_v ? static_cast<const T*>(op.v) + r * op.v_stride : nullptr;
+      dots_row(x, v, n, xx[i], xv[i], vv[i]);
+      if (map == SphereMap::kNormalize) {
+        zero[i] = xx[i] == A(0) && op.eps == 0.0;
+        if (zero[i]) bad.flag(r, 0);
+      } else if (xx[i] == A(0) || (logs && vv[i] == A(0))) {
+        zero[i] = true;
+        bad.flag(r, xx[i] == A(0) ? 0 : 1);
+      }
+      if (logs && !zero[i]) {
+        rho[i] = std::sqrt(xx[i]) / std::sqrt(vv[i]);  // chords at |x|'s scale: rho = 1 for y = +-x
+        chords_row(x, v, n, rho[i], p[i], q[i]);
+      }
+    }
+    if (map == SphereMap::kExpmap) exp_coefficients(xx, xv, vv, one, alpha, beta);
+    if (logs) log_coefficients(p, q, alpha, beta);  // alpha: theta, beta: theta / sin(theta)
+    for (int64_t i = 0; i < m; ++i) {
+      if (zero[i]) continue;
+      const int64_t r = r0 + i;
+      const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
+      const T* v = has_v ? static_cast<const T*>(op.v) + r * op.v_stride : nullptr;
+      T* out = static_cast<T*>(op.out) + r * op.out_stride;
+      switch (map) {
+        case SphereMap::kNormalize:
+          axpby_row<T, T>(out, A(1) / std::max(std::sqrt(xx[i]), static_cast<A>(op.eps)), x,
+                          A(0), nullptr, n);
+          break;
+        case SphereMap::kProject:
+          axpby_row(out, -xv[i] / xx[i], x, A(1), v, n);
+          break;
+        case SphereMap::kExpmap:
+          axpby_row(out, alpha[i], x, beta[i], v, n);
+          break;
+        case SphereMap::kLogmap:
+          log_write(out, x, v, n, xx[i], rho[i], p[i], q[i], alpha[i], beta[i]);
+          break;
+        case SphereMap::kDistance:
+          *out = static_cast<T>(alpha[i]);
+          break;
+      }
+    }
+  }
+}
+
+// The rows [begin, end) of q_sample: exp_x0(s P z), a block at a time (z: given, or drawn for the
+// block into the buffer zbuf of block_rows(d) rows).
+template <typename T>
+void q_sample_rows(const SphereOperands& op, int64_t begin, int64_t end, float* zbuf, BadRow& bad) {
+  using A = Acc<T>;
+  const int64_t n = op.cols, rows_per_block = block_rows(n);
+  for (int64_t r0 = begin; r0 < end; r0 += rows_per_block) {
+    const int64_t m = std::min(rows_per_block, end - r0);
+    if (op.seeded)  // the block's rows are one stretch of the stream
+      philox_normals(zbuf, op.seed, op.offset, static_cast<uint64_t>(r0 * n), m * n);
+    alignas(64) A xx[kLanes], xz[kLanes], zz[kLanes], s[kLanes], alpha[kLanes], beta[kLanes];
+    std::fill(xx, xx + kLanes, A(1));
+    std::fill(xz, xz + kLanes, A(0));
+    std::fill(zz, zz + kLanes, A(1));
+    std::fill(s, s + kLanes, A(0));
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t r = r0 + i;
+      const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
+      s[i] = static_cast<A>(op.coef[r]);
+      if (op.seeded) {
+        dots_row<T, float>(x, zbuf + i * n, n, xx[i], xz[i], zz[i]);
+      } else {
+        const T* z = static_cast<const T*>(op.noise) + r * op.noise_stride;
+        dots_row<T, T>(x, z, n, xx[i], xz[i], zz[i]);
+      }
+      if (xx[i] == A(0)) bad.flag(r, 0);
+    }
+    exp_coefficients(xx, xz, zz, s, alpha, beta);
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t r = r0 + i;
+      if (xx[i] == A(0)) continue;
+      const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
+      T* out = static_cast<T*>(op.out) + r * op.out_stride;
+      if (op.seeded) {
+        axpby_row<T, float>(out, alpha[i], x, beta[i], zbuf + i * n, n);
+      } else {
+        const T* z = static_cast<const T*>(op.noise) + r * op.noise_stride;
+        axpby_row<T, T>(out, alpha[i], x, beta[i], z, n);
+      }
+    }
+  }
+}
+
+// One row of p_step: y = a x + b f + c z into the buffer y (and its squared norm), then y / |y|.
+// drawn: the row's Philox normals (seeded steps), else null.
+template <typename T>
+void p_step_row(const SphereOperands& op, int64_t r, Acc<T>* y, const float* drawn) {
+  using A = Acc<T>;
+  const int64_t n = op.cols;
+  const A a = op.coef[3 * r], b = op.coef[3 * r + 1], c = op.coef[3 * r + 2];
+  const A w = op.guidance, w1 = A(1) + A(op.guidance);
+  const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
+  const T* f = static_cast<const T*>(op.v) + r * op.v_stride;
+  const T* u = op.u == nullptr ? nullptr : static_cast<const T*>(op.u) + r * op.u_stride;
+  const T* zn = nullptr;  // given noise
+  const float* zs = nullptr;  // drawn noise
+  if (c != A(0) && op.noise != nullptr) {
+    zn = static_cast<const T*>(op.noise) + r * op.noise_stride;
+  } else if (c != A(0)) {
+    zs = drawn;
+  }
+  A yy = A(0);
+  int64_t j = 0;
+  if constexpr (kVectorised<T>) {
+    const FVec va(a), vb(b), vc(c), vw(w), vw1(w1);
+    FVec s(0.0f);
+    for (; j + kStep <= n; j += kStep) {
+      FVec x0, x1, f0, f1;
+      load2(x + j, x0, x1);
+      load2(f + j, f0, f1);
+      if (u != nullptr) {
+        FVec u0, u1;
+        load2(u + j, u0, u1);
+        f0 = vw1 * f0 - vw * u0;
+        f1 = vw1 * f1 - vw * u1;
+      }
+      FVec y0 = at::vec::fmadd(vb, f0, va * x0), y1 = at::vec::fmadd(vb, f1, va * x1);
+      if (zn != nullptr || zs != nullptr) {
+        FVec z0, z1;
+        if (zn != nullptr) {
+          load2(zn + j, z0, z1);
+        } else {
+          load2(zs + j, z0, z1);
+        }
+        y0 = at::vec::fmadd(vc, z0, y0);
+        y1 = at::vec::fmadd(vc, z1, y1);
+      }
+      y0.store(y + j);
+      y1.store(y + j + kLanes);
+      s = at::vec::fmadd(y0, y0, at::vec::fmadd(y1, y1, s));
+    }
+    yy = hsum(s);
+  }
+  for (; j < n; ++j) {
+    A fj = static_cast<A>(f[j]);
+    if (u != nullptr) fj = w1 * fj - w * static_cast<A>(u[j]);
+    A yj = a * static_cast<A>(x[j]) + b * fj;
+    if (zn != nullptr) yj += c * static_cast<A>(zn[j]);
+    if (zs != nullptr) yj += c * static_cast<A>(zs[j]);
+    y[j] = yj;
+    yy += yj * yj;
+  }
+  const A scale = A(1) / std::max(std::sqrt(yy), static_cast<A>(kPStepEps));
+  T* out = static_cast<T*>(op.out) + r * op.out_stride;
+  j = 0;
+  if constexpr (kVectorised<T>) {
+    const FVec vs(scale);
+    for (; j + kStep <= n; j += kStep)
+      store2(out + j, vs * FVec::loadu(y + j), vs * FVec::loadu(y + j + kLanes));
+  }
+  for (; j < n; ++j) out[j] = static_cast<T>(scale * y[j]);
+}
+
+}  // namespace
+
+#define DIFFCORE_DISPATCH_SPHERE_TYPES(TYPE, NAME, ...)                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__))
+
+int64_t sphere_map_kernel(const SphereOperands& op, SphereMap map, at::ScalarType dtype) {
+  BadRow bad;
+  DIFFCORE_DISPATCH_SPHERE_TYPES(dtype, "sphere", [&] {
+    at::parallel_for(0, op.rows, row_grain(op.cols), [&](int64_t begin, int64_t end) {
+      map_rows<scalar_t>(map, op, begin, end, bad);
+    });
+  });
+  return bad.get();
+}
+
+int64_t sphere_q_sample_kernel(const SphereOperands& op, at::ScalarType dtype) {
+  BadRow bad;
+  DIFFCORE_DISPATCH_SPHERE_TYPES(dtype, "sphere_q_sample", [&] {
+    at::parallel_for(0, op.rows, row_grain(op.cols), [&](int64_t begin, int64_t end) {
+      std::vector<float> z(op.seeded ? static_cast<size_t>(block_rows(op.cols) * op.cols) : 0);
+      q_sample_rows<scalar_t>(op, begin, end, z.data(), bad);
+    });
+  });
+  return bad.get();
+}
+
+void sphere_p_step_kernel(const SphereOperands& op, at::ScalarType dtype) {
+  DIFFCORE_DISPATCH_SPHERE_TYPES(dtype, "sphere_p_step", [&] {
+    using T = scalar_t;
+    const int64_t n = op.cols;
+    const int64_t rows_per_block = block_rows(n);
+    at::parallel_for(0, op.rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      std::vector<Acc<T>> y(static_cast<size_t>(n));
+      std::vector<float> z(op.seeded ? static_cast<size_t>(rows_per_block * n) : 0);
+      for (int64_t r0 = begin; r0 < end; r0 += rows_per_block) {
+        const int64_t m = std::min(rows_per_block, end - r0);
+        if (op.seeded)  // the block's rows are one stretch of the stream
+          philox_normals(z.data(), op.seed, op.offset, static_cast<uint64_t>(r0 * n), m * n);
+        for (int64_t i = 0; i < m; ++i)
+          p_step_row<T>(op, r0 + i, y.data(), op.seeded ? z.data() + i * n : nullptr);
+      }
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace diffcore::cpu
+
+#if defined(DIFFCORE_CPU_ENTRY)
+DIFFCORE_ISA_DECLARE(int64_t sphere_map_kernel(const diffcore::cpu::SphereOperands&,
+                                               diffcore::cpu::SphereMap, at::ScalarType))
+DIFFCORE_ISA_DECLARE(int64_t sphere_q_sample_kernel(const diffcore::cpu::SphereOperands&,
+                                                    at::ScalarType))
+DIFFCORE_ISA_DECLARE(void sphere_p_step_kernel(const diffcore::cpu::SphereOperands&,
+                                                at::ScalarType))
+
+namespace diffcore::cpu {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+void check_rows(const at::Tensor& t, const char* name) {
+  check_dim(t, 2, name);
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              name, ": expected float32, float16, bfloat16 or float64, got ", dt);
+}
+
+void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name, const char* x_name) {
+  check_same_device(t, x, name, x_name);
+  check_same_dtype(t, x, name, x_name);
+  check_same_shape(t, x, name, x_name);
+}
+
+// A 2-D operand with unit column stride: the tensor itself, or a contiguous copy.
+at::Tensor unit_cols(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+const char* op_name(SphereMap map) {
+  switch (map) {
+    case SphereMap::kNormalize: return "sphere_normalize";
+    case SphereMap::kProject: return "sphere_project";
+    case SphereMap::kExpmap: return "sphere_expmap";
+    case SphereMap::kLogmap: return "sphere_logmap";
+    default: return "sphere_geodesic_distance";
+  }
+}
+
+void raise_zero_point(int64_t bad, const char* op, const char* x_name, const char* y_name) {
+  TORCH_CHECK_VALUE(bad < 0, op, ": ", bad % 2 == 0 ? x_name : y_name, ": row ", bad / 2,
+              " is zero; a point on the sphere needs a nonzero row");
+}
+
+at::Tensor run_map(SphereMap map, const at::Tensor& x, const OptTensor& v, double eps) {
+  const char* second = map == SphereMap::kLogmap || map == SphereMap::kDistance ? "y" : "v";
+  check_rows(x, "x");
+  if (v) check_operand(*v, x, second, "x");
+  const at::Tensor xs = unit_cols(x);
+  const OptTensor vs = v ? OptTensor(unit_cols(*v)) : std::nullopt;
+  const bool distance = map == SphereMap::kDistance;
+  at::Tensor out =
+      distance ? at::empty({x.size(0)}, x.options()) : at::empty(x.sizes(), x.options());
+  SphereOperands op;
+  op.rows = x.size(0);
+  op.cols = x.size(1);
+  op.out = out.data_ptr();
+  op.out_stride = distance ? 1 : out.stride(0);
+  op.x = xs.data_ptr();
+  op.x_stride = xs.stride(0);
+  if (vs) {
+    op.v = vs->data_ptr();
+    op.v_stride = vs->stride(0);
+  }
+  op.eps = eps;
+  if (op.rows == 0 || op.cols == 0) return out;
+  const int64_t bad = DIFFCORE_ISA_CALL(sphere_map_kernel, op, map, x.scalar_type());
+  if (map == SphereMap::kNormalize) {
+    TORCH_CHECK_VALUE(bad < 0, "sphere_normalize: x: row ", bad / 2,
+                " is zero and eps = 0, so it has no direction; pass eps > 0 to map zero rows to "
+                "zero");
+  } else {
+    raise_zero_point(bad, op_name(map), "x", second);
+  }
+  return out;
+}
+
+at::Tensor sphere_normalize(const at::Tensor& x, double eps) {
+  TORCH_CHECK(eps >= 0.0, "sphere_normalize: eps must be >= 0, got ", eps);
+  return run_map(SphereMap::kNormalize, x, std::nullopt, eps);
+}
+at::Tensor sphere_project(const at::Tensor& x, const at::Tensor& v) {
+  return run_map(SphereMap::kProject, x, v, 0.0);
+}
+at::Tensor sphere_expmap(const at::Tensor& x, const at::Tensor& v) {
+  return run_map(SphereMap::kExpmap, x, v, 0.0);
+}
+at::Tensor sphere_logmap(const at::Tensor& x, const at::Tensor& y) {
+  return run_map(SphereMap::kLogmap, x, y, 0.0);
+}
+at::Tensor sphere_geodesic_distance(const at::Tensor& x, const at::Tensor& y) {
+  return run_map(SphereMap::kDistance, x, y, 0.0);
+}
+
+// Per-row float32 rows of a table gathered at t: (K,) tables give one value per row, (K, 3) three.
+std::vector<float> gather_rows(const at::Tensor& table, const at::Tensor& t, int64_t rows,
+                               int64_t width, bool clamp_t, const char* op) {
+  TORCH_CHECK(width == 1 ? table.dim() == 1 : (table.dim() == 2 && table.size(1) == width), op,
+              ": table must be ", width == 1 ? "(K,)" : "(K, 3)", ", got ", table.sizes());
+  TORCH_CHECK(table.scalar_type() == at::kDouble || table.scalar_type() == at::kFloat, op,
+              ": table must be float64 or float32, got ", table.scalar_type());
+  TORCH_CHECK(table.size(0) >= 1, op, ": table is empty");
+  TORCH_CHECK(t.scalar_type() == at::kLong, "t: expected an int64 tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == 1 || t.numel() == rows, "t: expected ", rows,
+              " timesteps (one per row) or 1, got ", t.numel());
+  check_same_device(t, table, "t", "the schedule");
+  const at::Tensor tab = table.to(at::kDouble).contiguous();
+  const at::Tensor tc = t.contiguous();
+  const double* tp = tab.data_ptr<double>();
+  const int64_t* ts = tc.data_ptr<int64_t>();
+  const int64_t K = tab.size(0);
+  std::vector<float> coef(static_cast<size_t>(width * rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = tc.numel() == 1 ? 0 : r;
+    int64_t k = ts[i];
+    if (clamp_t && k >= K) k = K - 1;
+    TORCH_CHECK(k >= 0 && k < K, "t: every timestep must lie in [0, ", K, "), got t[", i, "] = ",
+                ts[i]);
+    for (int64_t c = 0; c < width; ++c) coef[width * r + c] = static_cast<float>(tp[width * k + c]);
+  }
+  return coef;
+}
+
+void run_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
+                  const OptTensor& noise, std::optional<int64_t> seed, int64_t offset,
+                  const at::Tensor& out) {
+  check_rows(x0, "x0");
+  TORCH_CHECK(noise.has_value() != seed.has_value(),
+              "sphere_q_sample: give exactly one of noise and seed");
+  if (noise) check_operand(*noise, x0, "noise", "x0");
+  TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
+  check_operand(out, x0, "out", "x0");
+  check_same_device(table, x0, "table", "x0");
+  const std::vector<float> coef = gather_rows(table, t, x0.size(0), 1, false, "sphere_q_sample");
+  const at::Tensor xs = unit_cols(x0);
+  const OptTensor zs = noise ? OptTensor(unit_cols(*noise)) : std::nullopt;
+  const at::Tensor os = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
+  SphereOperands op;
+  op.rows = x0.size(0);
+  op.cols = x0.size(1);
+  op.out = os.data_ptr();
+  op.out_stride = os.stride(0);
+  op.x = xs.data_ptr();
+  op.x_stride = xs.stride(0);
+  if (zs) {
+    op.noise = zs->data_ptr();
+    op.noise_stride = zs->stride(0);
+  }
+  op.coef = coef.data();
+  op.seeded = seed.has_value();
+  op.seed = static_cast<uint64_t>(seed.value_or(0));
+  op.offset = static_cast<uint64_t>(offset);
+  if (op.rows > 0 && op.cols > 0) {
+    const int64_t bad = DIFFCORE_ISA_CALL(sphere_q_sample_kernel, op, x0.scalar_type());
+    raise_zero_point(bad, "sphere_q_sample", "x0", "x0");
+  }
+  if (!os.is_same(out)) out.copy_(os);
+}
+
+void run_p_step(const at::Tensor& x, const at::Tensor& f, const OptTensor& f_uncond,
+                double guidance, const at::Tensor& t, const at::Tensor& table,
+                const OptTensor& noise, std::optional<int64_t> seed, int64_t offset, bool clamp_t,
+                const at::Tensor& out) {
+  check_rows(x, "x_t");
+  check_operand(f, x, "model_out", "x_t");
+  if (f_uncond) check_operand(*f_uncond, x, "uncond_out", "x_t");
+  TORCH_CHECK(guidance == 0.0 || f_uncond.has_value(),
+              "guidance_scale: a non-zero scale needs uncond_out");
+  if (noise) check_operand(*noise, x, "noise", "x_t");
+  TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
+  TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
+  check_operand(out, x, "out", "x_t");
+  check_same_device(table, x, "table", "x_t");
+  const std::vector<float> coef = gather_rows(table, t, x.size(0), 3, clamp_t, "sphere_p_step");
+  const at::Tensor xs = unit_cols(x), fs = unit_cols(f);
+  const OptTensor us = f_uncond ? OptTensor(unit_cols(*f_uncond)) : std::nullopt;
+  const OptTensor zs = noise ? OptTensor(unit_cols(*noise)) : std::nullopt;
+  const at::Tensor os = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
+  SphereOperands op;
+  op.rows = x.size(0);
+  op.cols = x.size(1);
+  op.out = os.data_ptr();
+  op.out_stride = os.stride(0);
+  op.x = xs.data_ptr();
+  op.x_stride = xs.stride(0);
+  op.v = fs.data_ptr();
+  op.v_stride = fs.stride(0);
+  if (us) {
+    op.u = us->data_ptr();
+    op.u_stride = us->stride(0);
+  }
+  if (zs) {
+    op.noise = zs->data_ptr();
+    op.noise_stride = zs->stride(0);
+  }
+  op.coef = coef.data();
+  op.guidance = static_cast<float>(guidance);
+  op.seeded = seed.has_value();
+  op.seed = static_cast<uint64_t>(seed.value_or(0));
+  op.offset = static_cast<uint64_t>(offset);
+  if (op.rows > 0 && op.cols > 0) DIFFCORE_ISA_CALL(sphere_p_step_kernel, op, x.scalar_type());
+  if (!os.is_same(out)) out.copy_(os);
+}
+
+at::Tensor sphere_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
+                           const OptTensor& noise, std::optional<int64_t> seed, int64_t offset) {
+  at::Tensor out = at::empty(x0.sizes(), x0.options());
+  run_q_sample(x0, t, table, noise, seed, offset, out);
+  return out;
+}
+
+void sphere_q_sample_(at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
+                      const OptTensor& noise, std::optional<int64_t> seed, int64_t offset) {
+  run_q_sample(x0, t, table, noise, seed, offset, x0);
+}
+
+void sphere_q_sample_out(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
+                         const OptTensor& noise, std::optional<int64_t> seed, int64_t offset,
+                         at::Tensor& out) {
+  run_q_sample(x0, t, table, noise, seed, offset, out);
+}
+
+at::Tensor sphere_p_step(const at::Tensor& x, const at::Tensor& f, const OptTensor& f_uncond,
+                         double guidance, const at::Tensor& t, const at::Tensor& table,
+                         const OptTensor& noise, std::optional<int64_t> seed, int64_t offset,
+                         bool clamp_t) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_p_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out);
+  return out;
+}
+
+void sphere_p_step_(at::Tensor& x, const at::Tensor& f, const OptTensor& f_uncond, double guidance,
+                    const at::Tensor& t, const at::Tensor& table, const OptTensor& noise,
+                    std::optional<int64_t> seed, int64_t offset, bool clamp_t) {
+  run_p_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, x);
+}
+
+void sphere_p_step_out(const at::Tensor& x, const at::Tensor& f, const OptTensor& f_uncond,
+                       double guidance, const at::Tensor& t, const at::Tensor& table,
+                       const OptTensor& noise, std::optional<int64_t> seed, int64_t offset,
+                       bool clamp_t, at::Tensor& out) {
+  run_p_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out);
+}
+
+}  // namespace
+}  // namespace diffcore::cpu
+
+TORCH_LIBRARY_IMPL(diffcore, CPU, m) {
+  m.impl("sphere_normalize", &diffcore::cpu::sphere_normalize);
+  m.impl("sphere_project", &diffcore::cpu::sphere_project);
+  m.impl("sphere_expmap", &diffcore::cpu::sphere_expmap);
+  m.impl("sphere_logmap", &diffcore::cpu::sphere_logmap);
+  m.impl("sphere_geodesic_distance", &diffcore::cpu::sphere_geodesic_distance);
+  m.impl("sphere_q_sample", &diffcore::cpu::sphere_q_sample);
+  m.impl("sphere_q_sample_", &diffcore::cpu::sphere_q_sample_);
+  m.impl("sphere_q_sample_out", &diffcore::cpu::sphere_q_sample_out);
+  m.impl("sphere_p_step", &diffcore::cpu::sphere_p_step);
+  m.impl("sphere_p_step_", &diffcore::cpu::sphere_p_step_);
+  m.impl("sphere_p_step_out", &diffcore::cpu::sphere_p_step_out);
+}
+#endif

@@ -1,5 +1,5 @@
 """Pure-PyTorch references: the meaning of every diffcore op, one module per family."""
 
-from diffcore.reference import diffusion, random
+from diffcore.reference import diffusion, random, sde, sparse, sphere
 
-__all__ = ["diffusion", "random"]
+__all__ = ["diffusion", "random", "sde", "sparse", "sphere"]

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "philox_vec.h"
+#include "tables.h"
 
 namespace diffcore::cpu {
 
@@ -42,26 +43,6 @@ struct StepOperands {
 };
 
 inline namespace CPU_CAPABILITY {
-
-template <typename T>
-inline void load2(const T* p, FVec& lo, FVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo = FVec::loadu(p);
-    hi = FVec::loadu(p + kLanes);
-  } else {
-    at::vec::load_to_float<T>(p, lo, hi);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const FVec& lo, const FVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo.store(p);
-    hi.store(p + kLanes);
-  } else {
-    at::vec::convert_from_float<T>(lo, hi).store(p);
-  }
-}
 
 // One row segment of n elements. ZT is the noise's element type (float for the Philox buffer).
 template <typename T, typename ZT, bool kHasF, bool kHasU, bool kHasZ>
@@ -162,65 +143,22 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// Per-row float32 coefficients: table[t[r]] (t given, numel 1 or rows), else table[r] or table[0].
-std::vector<float> gather_coefficients(const at::Tensor& table, const OptTensor& t, int64_t rows,
-                                       bool clamp_t) {
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == 3, "diffusion_step: table must be (K, 3), got ",
-              table.sizes());
-  TORCH_CHECK(table.scalar_type() == at::kDouble || table.scalar_type() == at::kFloat,
-              "diffusion_step: table must be float64 or float32, got ", table.scalar_type());
-  const at::Tensor tab = table.to(at::kDouble).contiguous();
-  const double* tp = tab.data_ptr<double>();
-  const int64_t K = tab.size(0);
-  std::vector<float> coef(static_cast<size_t>(3 * rows));
-  if (t.has_value()) {
-    TORCH_CHECK(t->scalar_type() == at::kLong, "t: expected an int64 tensor, got ", t->scalar_type());
-    TORCH_CHECK(t->numel() == 1 || t->numel() == rows, "t: expected ", rows,
-                " timesteps (one per row) or 1, got ", t->numel());
-    check_same_device(*t, table, "t", "the schedule");
-    const at::Tensor tc = t->contiguous();
-    const int64_t* ts = tc.data_ptr<int64_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      int64_t k = ts[tc.numel() == 1 ? 0 : r];
-      if (clamp_t && k >= K) k = K - 1;
-      TORCH_CHECK(k >= 0 && k < K, "t: every timestep must lie in [0, ", K, "), got t[",
-                  tc.numel() == 1 ? 0 : r, "] = ", ts[tc.numel() == 1 ? 0 : r]);
-      for (int c = 0; c < 3; ++c) coef[3 * r + c] = static_cast<float>(tp[3 * k + c]);
-    }
-  } else {
-    TORCH_CHECK(K == 1 || K == rows, "diffusion_step: without t, table needs 1 or ", rows,
-                " rows, got ", K);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int c = 0; c < 3; ++c) coef[3 * r + c] = static_cast<float>(tp[3 * (K == 1 ? 0 : r) + c]);
-  }
-  return coef;
-}
-
-// A 2-D operand with unit column stride: the tensor itself, or a contiguous copy.
-at::Tensor unit_cols(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
-void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  check_same_device(t, x, name, "x");
-  check_same_dtype(t, x, name, "x");
-  check_same_shape(t, x, name, "x");
-}
-
 void run_step(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond, double guidance,
               const OptTensor& t, const at::Tensor& table, const OptTensor& noise,
               std::optional<int64_t> seed, int64_t offset, bool clamp_t, const at::Tensor& out) {
   check_dim(x, 2, "x");
   check_float_dtype(x, "x");
-  if (f) check_operand(*f, x, "model_out");
+  if (f) check_like(*f, x, "model_out", "x");
   if (f_uncond) {
     TORCH_CHECK(f.has_value(), "uncond_out: given without model_out");
-    check_operand(*f_uncond, x, "uncond_out");
+    check_like(*f_uncond, x, "uncond_out", "x");
   }
   TORCH_CHECK(guidance == 0.0 || f_uncond.has_value(),
               "guidance_scale: a non-zero scale needs uncond_out");
-  if (noise) check_operand(*noise, x, "noise");
+  if (noise) check_like(*noise, x, "noise", "x");
   TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
-  check_operand(out, x, "out");
+  check_like(out, x, "out", "x");
   check_same_device(table, x, "table", "x");
 
   const at::Tensor xs = unit_cols(x);
@@ -228,7 +166,7 @@ void run_step(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond
   const OptTensor us = f_uncond ? OptTensor(unit_cols(*f_uncond)) : std::nullopt;
   const OptTensor zs = noise ? OptTensor(unit_cols(*noise)) : std::nullopt;
   const at::Tensor os = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
-  const std::vector<float> coef = gather_coefficients(table, t, x.size(0), clamp_t);
+  const std::vector<float> coef = gather_rows(table, t, x.size(0), 3, clamp_t, "diffusion_step");
 
   StepOperands op;
   op.rows = x.size(0);

@@ -1,4 +1,5 @@
-// The Philox normal stream (diffcore/philox.h), vectorised for the CPU kernels.
+// The Philox normal stream (diffcore/philox.h), vectorised for the CPU kernels, and the vector
+// loads and stores of feature rows (load2 / store2) every CPU kernel shares.
 //
 // Included only by per-instruction-set kernel files, inside their CPU_CAPABILITY namespace, so each
 // build gets its own copy. The AVX2 and AVX512 builds run kLanes Philox counters at once with
@@ -7,12 +8,14 @@
 // ulp of log/sin/cos.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <diffcore/philox.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -24,6 +27,27 @@ inline namespace CPU_CAPABILITY {
 
 using FVec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = FVec::size();
+
+// Two float vectors (2 kLanes elements) from / to float32, float16 or bfloat16 memory.
+template <typename T>
+inline void load2(const T* p, FVec& lo, FVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo = FVec::loadu(p);
+    hi = FVec::loadu(p + kLanes);
+  } else {
+    at::vec::load_to_float<T>(p, lo, hi);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const FVec& lo, const FVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo.store(p);
+    hi.store(p + kLanes);
+  } else {
+    at::vec::convert_from_float<T>(lo, hi).store(p);
+  }
+}
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // 32-bit lane operations of one instruction set, named once so the generator is written once.
@@ -104,17 +128,16 @@ inline void store_interleaved(float* out, __m256 z0, __m256 z1, __m256 z2, __m25
 }
 #endif
 
-// Writes the 4 * kLanes normals of the groups g0 .. g0 + kLanes - 1 (elements 4 g0 .. ) to out.
-inline void philox_normal_groups(float* out, uint64_t seed, uint64_t offset, uint64_t g0) {
+// The Philox words of the counters offset + g0 .. offset + g0 + kLanes - 1, one counter per lane.
+inline void philox_words(uint64_t seed, uint64_t offset, uint64_t g0, UVec& w0, UVec& w1, UVec& w2, UVec& w3) {
   const uint64_t first = offset + g0;
   UVec x0 = u_counter_lo(first);
-  // The high word is constant over the lanes unless the low word wraps inside the batch.
-  alignas(64) uint32_t lo[kLanes], hi[kLanes];
-  _mm_prefetch(reinterpret_cast<const char*>(out), _MM_HINT_T0);
   UVec x1;
+  // The high word is constant over the lanes unless the low word wraps inside the batch.
   if (static_cast<uint32_t>(first) <= 0xFFFFFFFFu - static_cast<uint32_t>(kLanes - 1)) {
     x1 = u_set1(static_cast<uint32_t>(first >> 32));
   } else {
+    alignas(64) uint32_t lo[kLanes], hi[kLanes];
     for (int64_t l = 0; l < kLanes; ++l) {
       const uint64_t c = first + static_cast<uint64_t>(l);
       lo[l] = static_cast<uint32_t>(c);
@@ -136,6 +159,16 @@ inline void philox_normal_groups(float* out, uint64_t seed, uint64_t offset, uin
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+  w0 = x0;
+  w1 = x1;
+  w2 = x2;
+  w3 = x3;
+}
+
+// Writes the 4 * kLanes normals of the groups g0 .. g0 + kLanes - 1 (elements 4 g0 .. ) to out.
+inline void philox_normal_groups(float* out, uint64_t seed, uint64_t offset, uint64_t g0) {
+  UVec x0, x1, x2, x3;
+  philox_words(seed, offset, g0, x0, x1, x2, x3);
   const FVec half(0.5f), scale(kTwoPow24Inv), minus_two(-2.0f), two_pi_scale(kTwoPi * kTwoPow24Inv);
   const FVec r01 = (minus_two * vlog((FVec(u_top24_to_float(x0)) + half) * scale)).sqrt();
   const FVec r23 = (minus_two * vlog((FVec(u_top24_to_float(x2)) + half) * scale)).sqrt();

@@ -60,26 +60,6 @@ namespace {
 
 constexpr int64_t kBlock = 2048;  // elements of one row per task / per Philox buffer
 
-template <typename T>
-inline void load2(const T* p, FVec& lo, FVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo = FVec::loadu(p);
-    hi = FVec::loadu(p + kLanes);
-  } else {
-    at::vec::load_to_float<T>(p, lo, hi);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const FVec& lo, const FVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo.store(p);
-    hi.store(p + kLanes);
-  } else {
-    at::vec::convert_from_float<T>(lo, hi).store(p);
-  }
-}
-
 // Sum of squares of n elements, in float lanes, then the lanes and the tail in double, in order.
 template <typename T>
 double sum_squares(const T* p, int64_t n) {
@@ -117,33 +97,8 @@ inline float philox_group_sum_squares(uint64_t seed, uint64_t offset, uint64_t g
 // The group sums of groups g0 .. g0 + kLanes - 1, one per lane: philox_normal_groups (philox_vec.h)
 // up to its logs.
 inline FVec philox_groups_sum_squares(uint64_t seed, uint64_t offset, uint64_t g0) {
-  const uint64_t first = offset + g0;
-  UVec x0 = u_counter_lo(first), x1;
-  if (static_cast<uint32_t>(first) <= 0xFFFFFFFFu - static_cast<uint32_t>(kLanes - 1)) {
-    x1 = u_set1(static_cast<uint32_t>(first >> 32));
-  } else {
-    alignas(64) uint32_t lo[kLanes], hi[kLanes];
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const uint64_t c = first + static_cast<uint64_t>(l);
-      lo[l] = static_cast<uint32_t>(c);
-      hi[l] = static_cast<uint32_t>(c >> 32);
-    }
-    std::memcpy(&x0, lo, sizeof(x0));
-    std::memcpy(&x1, hi, sizeof(x1));
-  }
-  UVec x2 = u_set1(0u), x3 = u_set1(0u);
-  const UVec m0 = u_set1(kPhiloxM0), m1 = u_set1(kPhiloxM1);
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const UVec hi0 = u_mulhi(x0, m0), lo0 = u_mullo(x0, m0);
-    const UVec hi1 = u_mulhi(x2, m1), lo1 = u_mullo(x2, m1);
-    x0 = u_xor(u_xor(hi1, x1), u_set1(k0));
-    x1 = lo1;
-    x2 = u_xor(u_xor(hi0, x3), u_set1(k1));
-    x3 = lo0;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
+  UVec x0, x1, x2, x3;
+  philox_words(seed, offset, g0, x0, x1, x2, x3);
   const FVec half(0.5f), scale(kTwoPow24Inv), minus_two(-2.0f);
   const FVec l0 = vlog((FVec(u_top24_to_float(x0)) + half) * scale);
   const FVec l2 = vlog((FVec(u_top24_to_float(x2)) + half) * scale);
@@ -314,18 +269,9 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// A 2-D operand with unit column stride: the tensor itself, or a contiguous copy.
-at::Tensor unit_cols(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 // A written operand with unit column stride: the tensor itself, or a scratch tensor copied back.
 at::Tensor unit_cols_out(const at::Tensor& t) {
   return t.stride(1) == 1 ? t : at::empty(t.sizes(), t.options());
-}
-
-void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  check_same_device(t, x, name, "x");
-  check_same_dtype(t, x, name, "x");
-  check_same_shape(t, x, name, "x");
 }
 
 void run_sde_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor& coef,
@@ -333,13 +279,13 @@ void run_sde_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor
                   std::optional<double> snr, const at::Tensor& out, const OptTensor& mean_out) {
   check_dim(x, 2, "x");
   check_float_dtype(x, "x");
-  check_operand(score, x, "score");
-  if (noise) check_operand(*noise, x, "noise");
+  check_like(score, x, "score", "x");
+  if (noise) check_like(*noise, x, "noise", "x");
   TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
   TORCH_CHECK(!snr || (*snr > 0.0 && std::isfinite(*snr)), "snr: expected snr > 0, got ", snr.value_or(0.0));
-  check_operand(out, x, "out");
-  if (mean_out) check_operand(*mean_out, x, "mean_out");
+  check_like(out, x, "out", "x");
+  if (mean_out) check_like(*mean_out, x, "mean_out", "x");
   check_same_device(coef, x, "coef", "x");
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(coef.dim() == 2 && coef.size(1) == 4 && (coef.size(0) == 1 || coef.size(0) == rows),

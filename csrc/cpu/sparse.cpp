@@ -466,11 +466,6 @@ std::vector<int64_t> row_parts(const CsrView& a, int64_t d) {
   return bounds;
 }
 
-// A 2-D operand with unit column stride: the tensor itself, or a contiguous copy.
-at::Tensor unit_cols(const at::Tensor& t) {
-  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
-}
-
 at::Tensor sparse_spmm(const at::Tensor& crow, const at::Tensor& col, const OptTensor& values,
                        const OptTensor& row_scale, const OptTensor& col_scale, const at::Tensor&,
                        const at::Tensor&, const OptTensor&, const at::Tensor& x) {

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "philox_vec.h"
+#include "tables.h"
 
 namespace diffcore::cpu {
 
@@ -91,26 +92,6 @@ using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename T>
 constexpr bool kVectorised = !std::is_same_v<T, double>;
-
-template <typename T>
-inline void load2(const T* p, FVec& lo, FVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo = FVec::loadu(p);
-    hi = FVec::loadu(p + kLanes);
-  } else {
-    at::vec::load_to_float<T>(p, lo, hi);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const FVec& lo, const FVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo.store(p);
-    hi.store(p + kLanes);
-  } else {
-    at::vec::convert_from_float<T>(lo, hi).store(p);
-  }
-}
 
 inline float hsum(const FVec& v) {
   alignas(64) float lanes[kLanes];
@@ -577,15 +558,6 @@ void check_rows(const at::Tensor& t, const char* name) {
               name, ": expected float32, float16, bfloat16 or float64, got ", dt);
 }
 
-void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name, const char* x_name) {
-  check_same_device(t, x, name, x_name);
-  check_same_dtype(t, x, name, x_name);
-  check_same_shape(t, x, name, x_name);
-}
-
-// A 2-D operand with unit column stride: the tensor itself, or a contiguous copy.
-at::Tensor unit_cols(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
-
 const char* op_name(SphereMap map) {
   switch (map) {
     case SphereMap::kNormalize: return "sphere_normalize";
@@ -604,7 +576,7 @@ void raise_zero_point(int64_t bad, const char* op, const char* x_name, const cha
 at::Tensor run_map(SphereMap map, const at::Tensor& x, const OptTensor& v, double eps) {
   const char* second = map == SphereMap::kLogmap || map == SphereMap::kDistance ? "y" : "v";
   check_rows(x, "x");
-  if (v) check_operand(*v, x, second, "x");
+  if (v) check_like(*v, x, second, "x");
   const at::Tensor xs = unit_cols(x);
   const OptTensor vs = v ? OptTensor(unit_cols(*v)) : std::nullopt;
   const bool distance = map == SphereMap::kDistance;
@@ -651,44 +623,15 @@ at::Tensor sphere_geodesic_distance(const at::Tensor& x, const at::Tensor& y) {
   return run_map(SphereMap::kDistance, x, y, 0.0);
 }
 
-// Per-row float32 rows of a table gathered at t: (K,) tables give one value per row, (K, 3) three.
-std::vector<float> gather_rows(const at::Tensor& table, const at::Tensor& t, int64_t rows,
-                               int64_t width, bool clamp_t, const char* op) {
-  TORCH_CHECK(width == 1 ? table.dim() == 1 : (table.dim() == 2 && table.size(1) == width), op,
-              ": table must be ", width == 1 ? "(K,)" : "(K, 3)", ", got ", table.sizes());
-  TORCH_CHECK(table.scalar_type() == at::kDouble || table.scalar_type() == at::kFloat, op,
-              ": table must be float64 or float32, got ", table.scalar_type());
-  TORCH_CHECK(table.size(0) >= 1, op, ": table is empty");
-  TORCH_CHECK(t.scalar_type() == at::kLong, "t: expected an int64 tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == 1 || t.numel() == rows, "t: expected ", rows,
-              " timesteps (one per row) or 1, got ", t.numel());
-  check_same_device(t, table, "t", "the schedule");
-  const at::Tensor tab = table.to(at::kDouble).contiguous();
-  const at::Tensor tc = t.contiguous();
-  const double* tp = tab.data_ptr<double>();
-  const int64_t* ts = tc.data_ptr<int64_t>();
-  const int64_t K = tab.size(0);
-  std::vector<float> coef(static_cast<size_t>(width * rows));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = tc.numel() == 1 ? 0 : r;
-    int64_t k = ts[i];
-    if (clamp_t && k >= K) k = K - 1;
-    TORCH_CHECK(k >= 0 && k < K, "t: every timestep must lie in [0, ", K, "), got t[", i, "] = ",
-                ts[i]);
-    for (int64_t c = 0; c < width; ++c) coef[width * r + c] = static_cast<float>(tp[width * k + c]);
-  }
-  return coef;
-}
-
 void run_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
                   const OptTensor& noise, std::optional<int64_t> seed, int64_t offset,
                   const at::Tensor& out) {
   check_rows(x0, "x0");
   TORCH_CHECK(noise.has_value() != seed.has_value(),
               "sphere_q_sample: give exactly one of noise and seed");
-  if (noise) check_operand(*noise, x0, "noise", "x0");
+  if (noise) check_like(*noise, x0, "noise", "x0");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
-  check_operand(out, x0, "out", "x0");
+  check_like(out, x0, "out", "x0");
   check_same_device(table, x0, "table", "x0");
   const std::vector<float> coef = gather_rows(table, t, x0.size(0), 1, false, "sphere_q_sample");
   const at::Tensor xs = unit_cols(x0);
@@ -721,14 +664,14 @@ void run_p_step(const at::Tensor& x, const at::Tensor& f, const OptTensor& f_unc
                 const OptTensor& noise, std::optional<int64_t> seed, int64_t offset, bool clamp_t,
                 const at::Tensor& out) {
   check_rows(x, "x_t");
-  check_operand(f, x, "model_out", "x_t");
-  if (f_uncond) check_operand(*f_uncond, x, "uncond_out", "x_t");
+  check_like(f, x, "model_out", "x_t");
+  if (f_uncond) check_like(*f_uncond, x, "uncond_out", "x_t");
   TORCH_CHECK(guidance == 0.0 || f_uncond.has_value(),
               "guidance_scale: a non-zero scale needs uncond_out");
-  if (noise) check_operand(*noise, x, "noise", "x_t");
+  if (noise) check_like(*noise, x, "noise", "x_t");
   TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
-  check_operand(out, x, "out", "x_t");
+  check_like(out, x, "out", "x_t");
   check_same_device(table, x, "table", "x_t");
   const std::vector<float> coef = gather_rows(table, t, x.size(0), 3, clamp_t, "sphere_p_step");
   const at::Tensor xs = unit_cols(x), fs = unit_cols(f);

@@ -47,3 +47,19 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace diffcore {
+
+// `t` must have `ref`'s device, dtype and shape.
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  check_same_device(t, ref, name, ref_name);
+  check_same_dtype(t, ref, name, ref_name);
+  check_same_shape(t, ref, name, ref_name);
+}
+
+// A 2-D operand with unit column stride: the tensor itself, or a contiguous copy.
+inline at::Tensor unit_cols(const at::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
+}
+
+}  // namespace diffcore

@@ -52,7 +52,7 @@ class CMakeBuild(build_ext):
 ext_modules = [] if os.environ.get("DIFFCORE_NO_EXT") else [CMakeExtension("diffcore._C")]
 
 setup(
-    packages=["diffcore", "diffcore.reference", "diffcore.kernels", "diffcore.nn"],
+    packages=["diffcore", "diffcore.reference", "diffcore.kernels", "diffcore.nn", "diffcore.compat"],
     package_dir={"diffcore": "diffcore", "diffcore.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from diffcore import _library, _registry
+from diffcore import compat as compat
 from diffcore import random as random
+from diffcore import retrieval as retrieval
 from diffcore import sde as sde
 from diffcore import sparse as sparse
 from diffcore import sphere as sphere

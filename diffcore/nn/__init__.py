@@ -1,5 +1,8 @@
 """nn.Modules over diffcore's ops.
 
+Samplers (:mod:`diffcore.nn.samplers`): :class:`DreamRecSampler`, :class:`DiffuRecSampler`,
+:class:`SphereSampler`, each over the user's denoiser callable.
+
 :class:`LightGCNPropagation` replaces LightGCN's ``computer()``: the graph is built once, the
 propagation runs as one fused op and its backward as one op over the transpose::
 
@@ -23,9 +26,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from diffcore.nn.samplers import DiffuRecSampler, DreamRecSampler, SphereSampler
 from diffcore.sparse import Adjacency, propagate
 
-__all__ = ["LightGCNPropagation"]
+__all__ = ["LightGCNPropagation", "DreamRecSampler", "DiffuRecSampler", "SphereSampler"]
 
 
 class LightGCNPropagation(nn.Module):

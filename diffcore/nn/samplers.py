@@ -1,0 +1,194 @@
+"""Reverse-diffusion samplers as modules, for the families without one canonical code base.
+
+Each takes the user's denoiser as a callable (an ``nn.Module`` is registered as a submodule) and a
+:class:`diffcore.Schedule`, and runs one fused diffcore step per timestep; noise is drawn with
+``torch.randn_like`` in the order the published loops draw it, so a seeded run equals the
+original loop to float32 rounding.
+
+- :class:`DreamRecSampler`: classifier-free guidance ``x0 = (1 + w) f(x, c, t) - w f(x, c_null, t)``,
+  two denoiser calls per step or one batched call over ``[c; c_null]``; starts at
+  ``randn_like(c)``; noise ``sqrt(pv[t]) z`` drawn for t > 0 only (DreamRec's ``p_sample``).
+- :class:`DiffuRecSampler`: ``variance="beta"`` (``exp(0.5 log(cat(pv[1], betas[1:])))``), noise
+  drawn every step and masked at t = 0 (DiffuRec's ``p_sample``): :func:`diffcore.sample`.
+- :class:`SphereSampler`: DimeRec-style geodesic steps, :func:`diffcore.sphere.p_step` per step
+  (each step ends on the unit sphere); noise drawn for t > 0 only.
+
+Under ``torch.no_grad()`` the loops step in place on one buffer; with grad enabled they step out
+of place, so autograd through the denoiser works.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from diffcore import _checks, sphere
+from diffcore.diffusion import Schedule, p_step, sample
+
+__all__ = ["DreamRecSampler", "DiffuRecSampler", "SphereSampler"]
+
+
+def _check_schedule(schedule: object) -> Schedule:
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a diffcore.Schedule, got {type(schedule).__name__}")
+    schedule._require_diffusion()
+    return schedule
+
+
+def _detached(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A denoiser output that shares memory with the buffer stepped in place is copied first."""
+    return out.clone() if _checks.overlaps(out, x) else out
+
+
+class _Sampler(nn.Module):
+    def __init__(self, denoiser: Callable, schedule: Schedule) -> None:
+        super().__init__()
+        if not callable(denoiser):
+            raise TypeError(f"denoiser: expected a callable, got {type(denoiser).__name__}")
+        self.denoiser = denoiser
+        self.schedule = _check_schedule(schedule)
+
+    def _schedule_on(self, device: torch.device) -> Schedule:
+        if self.schedule.device != device:
+            self.schedule = self.schedule.to(device)
+        return self.schedule
+
+    def extra_repr(self) -> str:
+        return f"schedule={self.schedule!r}"
+
+
+class DreamRecSampler(_Sampler):
+    """DreamRec's guided reverse loop.
+
+    Args:
+        denoiser: ``denoiser(x_t, condition, t) -> x0_hat`` with ``x_t`` (B, d), ``condition``
+            (B, d_c) and ``t`` int64 (B,).
+        schedule: DreamRec uses float32 tables (``Schedule.exp(T, dtype=torch.float32)`` or
+            ``Schedule(betas_float32)``); float64 tables are also accepted.
+        guidance_scale: w.
+        batched: one denoiser call per step over ``cat([x, x])``, ``cat([c, c_null])``,
+            ``cat([t, t])`` (split in halves) instead of two calls.
+        prediction: ``"x0"`` (DreamRec) or ``"eps"``.
+    """
+
+    def __init__(
+        self, denoiser: Callable, schedule: Schedule, guidance_scale: float = 0.0, *, batched: bool = False,
+        prediction: str = "x0",
+    ) -> None:
+        super().__init__(denoiser, schedule)
+        self.guidance_scale = float(guidance_scale)
+        self.batched = bool(batched)
+        self.prediction = prediction
+
+    def forward(
+        self, condition: torch.Tensor, null_condition: torch.Tensor, x_T: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Args:
+            condition: (B, d_c), DreamRec's ``h``.
+            null_condition: (d_c,), (1, d_c) or (B, d_c): the learned null embedding.
+            x_T: (B, d) start; None: ``torch.randn_like(condition)``, as DreamRec draws it.
+        Returns:
+            (B, d) x_0."""
+        _checks.float_tensor("condition", condition, ndim=2)
+        B = condition.shape[0]
+        null_condition = torch.as_tensor(null_condition, device=condition.device).reshape(-1, condition.shape[1])
+        null_condition = null_condition.expand(B, -1)
+        x = torch.randn_like(condition) if x_T is None else x_T
+        _checks.float_tensor("x_T", x, ndim=2)
+        schedule = self._schedule_on(x.device)
+        in_place = not torch.is_grad_enabled()
+        if in_place:
+            x = x.clone(memory_format=torch.contiguous_format)
+        t_all = torch.arange(schedule.num_steps, device=x.device)
+        both = torch.cat([condition, null_condition]) if self.batched else None
+        for i in reversed(range(schedule.num_steps)):
+            t = t_all[i : i + 1].expand(B)
+            if self.batched:
+                cond_out, uncond_out = self.denoiser(torch.cat([x, x]), both, torch.cat([t, t])).chunk(2)
+            else:
+                cond_out = self.denoiser(x, condition, t)
+                uncond_out = self.denoiser(x, null_condition, t)
+            noise = torch.randn_like(x) if i > 0 else None
+            kwargs = dict(
+                prediction=self.prediction, uncond_out=uncond_out, guidance_scale=self.guidance_scale, noise=noise
+            )
+            if in_place:
+                p_step(x, _detached(cond_out, x), t_all[i : i + 1], schedule, out=x, **kwargs)
+            else:
+                x = p_step(x, cond_out, t_all[i : i + 1], schedule, **kwargs)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"guidance_scale={self.guidance_scale}, batched={self.batched}, {super().extra_repr()}"
+
+
+class DiffuRecSampler(_Sampler):
+    """DiffuRec's reverse loop: ``denoiser(x_t, t) -> x0_hat`` (wrap DiffuRec's
+    ``xstart_model(item_rep, x_t, t, mask)`` in a closure), ``variance="beta"``.
+
+    ``forward(x_T)``: x_T (B, d), DiffuRec's ``randn_like(item_rep)``; returns (B, d) x_0.
+    ``noise=False`` drops the reverse noise; ``generator`` is passed to ``Tensor.normal_``."""
+
+    def __init__(self, denoiser: Callable, schedule: Schedule, *, noise: bool = True, prediction: str = "x0") -> None:
+        super().__init__(denoiser, schedule)
+        self.noise = bool(noise)
+        self.prediction = prediction
+
+    def forward(self, x_T: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        _checks.float_tensor("x_T", x_T, ndim=2)
+        schedule = self._schedule_on(x_T.device)
+        if torch.is_grad_enabled():
+            x = x_T
+            for i in reversed(range(schedule.num_steps)):
+                t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+                model_out = self.denoiser(x, t)
+                noise = torch.empty_like(x).normal_(generator=generator) if self.noise else None
+                x = p_step(x, model_out, t, schedule, prediction=self.prediction, variance="beta", noise=noise)
+            return x
+        return sample(
+            lambda x, t: _detached(self.denoiser(x, t), x), x_T, schedule, noise=self.noise,
+            prediction=self.prediction, variance="beta", generator=generator,
+        )
+
+
+class SphereSampler(_Sampler):
+    """DimeRec-style sampling on the unit hypersphere: ``x = sphere.p_step(x, denoiser(x, t), t)``
+    for t = T-1 .. 0, each step ending on the sphere.
+
+    Args:
+        denoiser: ``denoiser(x_t, t) -> x0_hat`` (or eps, ``prediction="eps"``).
+        variance: ``"posterior"``, ``"beta"`` or ``"none"`` (as :func:`diffcore.p_step`).
+        noise: draw ``torch.randn_like(x)`` for every t > 0.
+
+    ``forward(x_T)``: x_T (B, d) start (normalised first); returns (B, d) unit rows."""
+
+    def __init__(
+        self, denoiser: Callable, schedule: Schedule, *, prediction: str = "x0", variance: str = "posterior",
+        noise: bool = True,
+    ) -> None:
+        super().__init__(denoiser, schedule)
+        self.prediction = prediction
+        self.variance = variance
+        self.noise = bool(noise)
+
+    def forward(self, x_T: torch.Tensor) -> torch.Tensor:
+        _checks.float_tensor("x_T", x_T, ndim=2)
+        schedule = self._schedule_on(x_T.device)
+        x = sphere.normalize(x_T)
+        in_place = not torch.is_grad_enabled()
+        t_all = torch.arange(schedule.num_steps, device=x.device)
+        for i in reversed(range(schedule.num_steps)):
+            t = t_all[i : i + 1].expand(x.shape[0])
+            model_out = self.denoiser(x, t)
+            noise = torch.randn_like(x) if self.noise and i > 0 else None
+            kwargs = dict(prediction=self.prediction, variance=self.variance, noise=noise)
+            if in_place:
+                sphere.p_step(x, _detached(model_out, x), t_all[i : i + 1], schedule, out=x, **kwargs)
+            else:
+                x = sphere.p_step(x, model_out, t_all[i : i + 1], schedule, **kwargs)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"prediction={self.prediction!r}, variance={self.variance!r}, noise={self.noise}, {super().extra_repr()}"

@@ -1,0 +1,593 @@
+"""diffcore.compat adapters and diffcore.nn samplers against independent stand-ins.
+
+The stand-ins transcribe the public code's maths and RNG order (DiffRec's GaussianDiffusion,
+LightGCN-PyTorch's computer(), DreamRec's / DiffuRec's reverse loops) in plain torch; they never
+call diffcore."""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diffcore
+import diffcore.nn
+from diffcore.compat import diffrec, lightgcn
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# --- a GaussianDiffusion written like DiffRec's ---------------------------------------------------
+class ModelMeanType(enum.Enum):
+    START_X = enum.auto()
+    EPSILON = enum.auto()
+
+
+class GaussianDiffusion(nn.Module):
+    def __init__(self, mean_type, noise_scale, noise_min, noise_max, steps, beta_fixed=True, clamp=False):
+        super().__init__()
+        self.mean_type = mean_type
+        self.noise_scale = noise_scale
+        self.noise_min = noise_min
+        self.noise_max = noise_max
+        self.steps = steps
+        self.clamp = clamp  # DDRM: t >= T reads the last table entry
+        if noise_scale != 0.0:
+            self.betas = torch.tensor(self.get_betas(), dtype=torch.float64)
+            if beta_fixed:
+                self.betas[0] = 0.00001
+            self.calculate_for_diffusion()
+
+    def get_betas(self):  # linear-var
+        start, end = self.noise_scale * self.noise_min, self.noise_scale * self.noise_max
+        variance = np.linspace(start, end, self.steps, dtype=np.float64)
+        alpha_bar = 1 - variance
+        betas = [1 - alpha_bar[0]]
+        for i in range(1, self.steps):
+            betas.append(min(1 - alpha_bar[i] / alpha_bar[i - 1], 0.999))
+        return np.array(betas)
+
+    def calculate_for_diffusion(self):
+        alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(alphas, axis=0)
+        self.alphas_cumprod_prev = torch.cat([torch.tensor([1.0]), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod - 1)
+        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1].unsqueeze(0), self.posterior_variance[1:]])
+        )
+        self.posterior_mean_coef1 = self.betas * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+    def p_sample(self, model, x_start, steps, sampling_noise=False):
+        assert steps <= self.steps or self.clamp, "Too much steps in inference."
+        if steps == 0:
+            x_t = x_start
+        else:
+            t = torch.tensor([steps - 1] * x_start.shape[0])
+            x_t = self.q_sample(x_start, t)
+        indices = list(range(self.steps))[::-1]
+        if self.noise_scale == 0.0:
+            for i in indices:
+                t = torch.tensor([i] * x_t.shape[0])
+                x_t = model(x_t, t)
+            return x_t
+        for i in indices:
+            t = torch.tensor([i] * x_t.shape[0])
+            out = self.p_mean_variance(model, x_t, t)
+            if sampling_noise:
+                noise = torch.randn_like(x_t)
+                nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x_t.shape) - 1)))
+                x_t = out["model_mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+            else:
+                x_t = out["model_mean"]
+        return x_t
+
+    def q_sample(self, x_start, t, noise=None):
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        return (
+            self._extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + self._extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+        )
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        return (
+            self._extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
+            + self._extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t
+        )
+
+    def p_mean_variance(self, model, x, t):
+        model_output = model(x, t)
+        model_log_variance = self._extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
+        if self.mean_type == ModelMeanType.START_X:
+            pred_xstart = model_output
+        else:
+            pred_xstart = (
+                self._extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x.shape) * x
+                - self._extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x.shape) * model_output
+            )
+        model_mean = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {"model_mean": model_mean, "log_variance": model_log_variance}
+
+    def _extract_into_tensor(self, arr, timesteps, broadcast_shape):
+        if self.clamp:
+            timesteps = torch.clamp(torch.as_tensor(timesteps), max=len(arr) - 1)
+        res = arr[timesteps].float()
+        while len(res.shape) < len(broadcast_shape):
+            res = res[..., None]
+        return res.expand(broadcast_shape)
+
+
+class Denoiser(nn.Module):
+    """A DiffRec DNN-like denoiser: time embedding + MLP; it draws no random numbers in eval."""
+
+    def __init__(self, n_items, hidden=16, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(n_items + 4, hidden, generator=g) * 0.3)
+        self.w2 = nn.Parameter(torch.randn(hidden, n_items, generator=g) * 0.3)
+
+    def forward(self, x, t):
+        freqs = torch.arange(2, dtype=torch.float32)
+        emb = torch.cat([torch.cos(t[:, None].float() * freqs), torch.sin(t[:, None].float() * freqs)], -1)
+        return torch.tanh(torch.cat([x, emb], -1) @ self.w1) @ self.w2
+
+
+def _diffusion(mean_type=ModelMeanType.START_X, noise_scale=0.1, steps=5, clamp=False):
+    return GaussianDiffusion(mean_type, noise_scale, 0.001, 0.02, steps, clamp=clamp)
+
+
+def _run(diffusion, model, x, steps, noise, seed=7):
+    torch.manual_seed(seed)
+    return diffusion.p_sample(model, x, steps, sampling_noise=noise)
+
+
+@pytest.mark.parametrize("mean_type", [ModelMeanType.START_X, ModelMeanType.EPSILON], ids=["x0", "eps"])
+@pytest.mark.parametrize("steps", [0, 3, 5])
+@pytest.mark.parametrize("noise", [False, True], ids=["nonoise", "noise"])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_diffrec_p_sample_matches(mean_type, steps, noise, grad):
+    diffusion = _diffusion(mean_type)
+    model = Denoiser(12)
+    x = torch.rand(6, 12)
+    with torch.set_grad_enabled(grad):
+        expected = _run(diffusion, model, x, steps, noise)
+        with diffrec.accelerate(diffusion) as handle:
+            assert handle.prediction == ("x0" if mean_type is ModelMeanType.START_X else "eps")
+            handle._originals = {}  # a fallback to the original would raise: the fused path runs
+            got = _run(diffusion, model, x, steps, noise)
+            after = torch.randn(3)  # the RNG advanced exactly as the original's did
+        torch.manual_seed(7)
+        _run(diffusion, model, x, steps, noise)
+        torch.testing.assert_close(after, torch.randn(3))
+    torch.testing.assert_close(got, expected, **TOL)
+    assert got.requires_grad == grad
+    if grad:
+        got.sum().backward()
+        assert model.w1.grad is not None and torch.isfinite(model.w1.grad).all()
+
+
+def test_diffrec_noise_scale_zero_falls_back():
+    diffusion = _diffusion(noise_scale=0.0)
+    model = Denoiser(8)
+    x = torch.rand(4, 8)
+    expected = _run(diffusion, model, x, 0, True)
+    with diffrec.accelerate(diffusion) as handle:
+        assert handle.schedule is None
+        got = _run(diffusion, model, x, 0, True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_diffrec_q_sample_and_tables():
+    diffusion = _diffusion(steps=10)
+    x = torch.rand(5, 9)
+    t = torch.tensor([0, 3, 9, 2, 5])
+    noise = torch.randn(5, 9)
+    expected = diffusion.q_sample(x, t, noise=noise)
+    torch.manual_seed(1)
+    expected_drawn = diffusion.q_sample(x, t)
+    handle = diffrec.accelerate(diffusion)
+    torch.testing.assert_close(diffusion.q_sample(x, t, noise=noise), expected, **TOL)
+    torch.manual_seed(1)
+    torch.testing.assert_close(diffusion.q_sample(x, t), expected_drawn, **TOL)
+    for name in ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_log_variance_clipped", "alphas_cumprod"):
+        torch.testing.assert_close(getattr(handle.schedule, name), getattr(diffusion, name), rtol=1e-12, atol=0)
+    handle.restore()
+
+
+def test_diffrec_restore():
+    diffusion = _diffusion()
+    handle = diffrec.accelerate(diffusion)
+    assert diffusion.p_sample.__self__ is handle and diffusion.q_sample.__self__ is handle
+    with pytest.raises(ValueError, match="already accelerated"):
+        diffrec.accelerate(diffusion)
+    handle.restore()
+    handle.restore()  # idempotent
+    assert "p_sample" not in diffusion.__dict__ and "q_sample" not in diffusion.__dict__
+    assert diffusion.p_sample.__func__ is GaussianDiffusion.p_sample
+    assert diffusion.q_sample.__func__ is GaussianDiffusion.q_sample
+    with diffrec.accelerate(diffusion):
+        assert diffusion.p_sample.__func__ is not GaussianDiffusion.p_sample
+    assert diffusion.p_sample.__func__ is GaussianDiffusion.p_sample
+
+
+def test_diffrec_refuses_other_tables_and_bad_objects():
+    diffusion = _diffusion()
+    diffusion.posterior_mean_coef1 = diffusion.posterior_mean_coef1 * 1.01
+    with pytest.raises(ValueError, match="posterior_mean_coef1"):
+        diffrec.accelerate(diffusion)
+    assert "p_sample" not in diffusion.__dict__
+    with pytest.raises(TypeError):
+        diffrec.accelerate(object())
+    diffusion = _diffusion()
+    diffusion.mean_type = "velocity"
+    with pytest.raises(ValueError, match="mean_type"):
+        diffrec.accelerate(diffusion)
+
+
+def test_ddrm_clamp():
+    diffusion = _diffusion(steps=4, clamp=True)
+    model = Denoiser(7)
+    x = torch.rand(3, 7)
+    t = torch.tensor([1, 4, 9])
+    noise = torch.randn(3, 7)
+    expected_q = diffusion.q_sample(x, t, noise=noise)
+    expected = _run(diffusion, model, x, 6, True)
+    with diffrec.accelerate(diffusion, clamp_t=True):
+        torch.testing.assert_close(diffusion.q_sample(x, t, noise=noise), expected_q, **TOL)
+        with torch.no_grad():
+            got = _run(diffusion, model, x, 6, True)
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_diffrec_unsupported_inputs_fall_back():
+    diffusion = _diffusion()
+    model = Denoiser(5).double()
+    x = torch.rand(2, 5, dtype=torch.float64)
+    expected = _run(diffusion, model, x, 2, True)
+    with diffrec.accelerate(diffusion):
+        got = _run(diffusion, model, x, 2, True)
+        with pytest.raises(AssertionError, match="Too much steps"):
+            diffusion.p_sample(Denoiser(5), torch.rand(2, 5), 99)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# --- a LightGCN written like LightGCN-PyTorch's ---------------------------------------------------
+class LightGCN(nn.Module):
+    def __init__(self, n_users, n_items, edges, n_layers=3, dim=8, dropout=False):
+        super().__init__()
+        self.num_users, self.num_items = n_users, n_items
+        self.n_layers = n_layers
+        self.config = {"dropout": dropout}
+        self.keep_prob = 0.6
+        self.embedding_user = nn.Embedding(n_users, dim)
+        self.embedding_item = nn.Embedding(n_items, dim)
+        nn.init.normal_(self.embedding_user.weight, std=0.1)
+        nn.init.normal_(self.embedding_item.weight, std=0.1)
+        users, items = edges
+        n = n_users + n_items
+        rows = torch.cat([users, items + n_users])
+        cols = torch.cat([items + n_users, users])
+        index = torch.stack([rows, cols])
+        A = torch.sparse_coo_tensor(index, torch.ones(rows.numel()), (n, n), check_invariants=True).coalesce()
+        deg = torch.sparse.sum(A, 1).to_dense()
+        d_inv = deg.pow(-0.5)
+        d_inv[torch.isinf(d_inv)] = 0.0
+        idx = A.indices()
+        vals = d_inv[idx[0]] * A.values() * d_inv[idx[1]]
+        self.Graph = torch.sparse_coo_tensor(idx, vals, (n, n), check_invariants=True).coalesce()
+
+    def __dropout(self, keep_prob):
+        size, index, values = self.Graph.size(), self.Graph.indices().t(), self.Graph.values()
+        random_index = (torch.rand(len(values)) + keep_prob).int().bool()
+        index, values = index[random_index], values[random_index] / keep_prob
+        return torch.sparse_coo_tensor(index.t(), values, size, check_invariants=True)
+
+    def computer(self):
+        users_emb = self.embedding_user.weight
+        items_emb = self.embedding_item.weight
+        all_emb = torch.cat([users_emb, items_emb])
+        embs = [all_emb]
+        g_droped = self.__dropout(self.keep_prob) if self.config["dropout"] and self.training else self.Graph
+        for _ in range(self.n_layers):
+            all_emb = torch.sparse.mm(g_droped, all_emb)
+            embs.append(all_emb)
+        embs = torch.stack(embs, dim=1)
+        light_out = torch.mean(embs, dim=1)
+        users, items = torch.split(light_out, [self.num_users, self.num_items])
+        return users, items
+
+    def forward(self, users, items):
+        all_users, all_items = self.computer()
+        return torch.sum(all_users[users] * all_items[items], dim=1)
+
+
+def _lightgcn(dropout=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_users, n_items = 9, 13
+    users = torch.randint(0, n_users - 1, (40,), generator=g)  # the last user has no edges
+    items = torch.randint(0, n_items, (40,), generator=g)
+    torch.manual_seed(seed)
+    return LightGCN(n_users, n_items, (users, items), dropout=dropout)
+
+
+def _forward_and_grads(model):
+    users, items = torch.tensor([0, 3, 8, 5]), torch.tensor([1, 12, 4, 4])
+    model.zero_grad()
+    out = model(users, items)
+    (out.square().sum()).backward()
+    return out.detach(), model.embedding_user.weight.grad.clone(), model.embedding_item.weight.grad.clone()
+
+
+def test_lightgcn_forward_backward_match():
+    model = _lightgcn()
+    expected = _forward_and_grads(model)
+    expected_users, expected_items = (t.detach() for t in model.computer())
+    with lightgcn.accelerate(model) as handle:
+        assert handle.adj.nnz == model.Graph._nnz()
+        got = _forward_and_grads(model)
+        users, items = model.computer()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(users.detach(), expected_users, **TOL)
+    torch.testing.assert_close(items.detach(), expected_items, **TOL)
+
+
+def test_lightgcn_restore_and_dropout_path():
+    model = _lightgcn(dropout=True)
+    handle = lightgcn.accelerate(model)
+    assert model.computer.__self__ is handle
+    with pytest.raises(ValueError, match="already accelerated"):
+        lightgcn.accelerate(model)
+    model.train()  # edge dropout: the original computer() runs, with its own RNG draws
+    torch.manual_seed(3)
+    got = model.computer()[0]
+    handle.restore()
+    assert "computer" not in model.__dict__ and model.computer.__func__ is LightGCN.computer
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, model.computer()[0], rtol=0, atol=0)
+    model.eval()
+    with lightgcn.accelerate(model):
+        got = model.computer()[1]
+    torch.testing.assert_close(got, model.computer()[1], **TOL)
+    model.Graph = [model.Graph]
+    with pytest.raises(TypeError, match="A_split"):
+        lightgcn.accelerate(model)
+
+
+# --- samplers against hand-written loops ----------------------------------------------------------
+def _tables(schedule):
+    """DreamRec/DiffuRec-style tables in plain torch from the schedule's betas."""
+    betas = schedule.betas
+    ab = torch.cumprod(1 - betas, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=betas.dtype), ab[:-1]])
+    c1 = betas * torch.sqrt(ab_prev) / (1 - ab)
+    c2 = (1 - ab_prev) * torch.sqrt(1 - betas) / (1 - ab)
+    pv = betas * (1 - ab_prev) / (1 - ab)
+    return c1, c2, pv, betas
+
+
+def _extract(arr, t, x):
+    return arr[t].float()[:, None].expand_as(x)
+
+
+class CondDenoiser(nn.Module):
+    def __init__(self, d, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(2 * d + 1, d, generator=g) * 0.3)
+
+    def forward(self, x, c, t):
+        return torch.tanh(torch.cat([x, c, t[:, None].float() / 10], -1) @ self.w)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["two_calls", "batched"])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_dreamrec_sampler(batched, grad):
+    T, B, d, w = 8, 5, 6, 2.0
+    schedule = diffcore.Schedule.exp(T, dtype=torch.float32)
+    model = CondDenoiser(d)
+    h, h_null = torch.randn(B, d), torch.randn(1, d)
+    c1, c2, pv, _ = _tables(schedule)
+    torch.manual_seed(11)
+    x = torch.randn_like(h)  # DreamRec's loop
+    with torch.no_grad():
+        for n in reversed(range(T)):
+            t = torch.full((B,), n, dtype=torch.long)
+            x_start = (1 + w) * model(x, h, t) - w * model(x, h_null.expand(B, -1), t)
+            mean = _extract(c1, t, x) * x_start + _extract(c2, t, x) * x
+            x = mean if n == 0 else mean + torch.sqrt(_extract(pv, t, x)) * torch.randn_like(x)
+    sampler = diffcore.nn.DreamRecSampler(model, schedule, w, batched=batched)
+    torch.manual_seed(11)
+    with torch.set_grad_enabled(grad):
+        got = sampler(h, h_null)
+    torch.manual_seed(11)
+    x_T = torch.randn_like(h)
+    with torch.set_grad_enabled(grad):  # an explicit start: the same draws after it, x_T not written
+        got_from_start = sampler(h, h_null, x_T=x_T)
+    torch.testing.assert_close(got_from_start, got, rtol=0, atol=0)
+    torch.manual_seed(11)
+    torch.testing.assert_close(x_T, torch.randn_like(h), rtol=0, atol=0)
+    torch.testing.assert_close(got.detach(), x, **TOL)
+    assert got.requires_grad == grad
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_diffurec_sampler(grad):
+    T, B, d = 6, 4, 7
+    schedule = diffcore.Schedule.linear(T, 1e-4, 0.2)
+    model = Denoiser(d)
+    c1, c2, pv, betas = _tables(schedule)
+    log_var = torch.log(torch.cat([pv[1:2], betas[1:]]))
+    x_T = torch.randn(B, d)
+    torch.manual_seed(5)
+    x = x_T
+    with torch.no_grad():  # DiffuRec's p_sample loop
+        for i in reversed(range(T)):
+            t = torch.tensor([i] * B)
+            mean = _extract(c1, t, x) * model(x, t) + _extract(c2, t, x) * x
+            noise = torch.randn_like(x)
+            x = mean + (t != 0).float()[:, None] * torch.exp(0.5 * _extract(log_var, t, x)) * noise
+    torch.manual_seed(5)
+    with torch.set_grad_enabled(grad):
+        x_T_copy = x_T.clone()
+        got = diffcore.nn.DiffuRecSampler(model, schedule)(x_T)
+        torch.testing.assert_close(x_T, x_T_copy, rtol=0, atol=0)  # the start is not written
+    torch.testing.assert_close(got.detach(), x, **TOL)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_sphere_sampler(grad):
+    T, B, d = 6, 4, 5
+    schedule = diffcore.Schedule.linear(T, 1e-3, 0.1)
+    model = Denoiser(d, seed=3)
+    c1, c2, pv, _ = _tables(schedule)
+    log_var = torch.log(torch.cat([pv[1:2], pv[1:]]))
+    x_T = torch.randn(B, d)
+    torch.manual_seed(9)
+    x = x_T / x_T.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        for i in reversed(range(T)):
+            t = torch.tensor([i] * B)
+            y = _extract(c1, t, x) * model(x, t) + _extract(c2, t, x) * x
+            if i > 0:
+                y = y + torch.exp(0.5 * _extract(log_var, t, x)) * torch.randn_like(x)
+            x = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    torch.manual_seed(9)
+    with torch.set_grad_enabled(grad):
+        x_T_copy = x_T.clone()
+        got = diffcore.nn.SphereSampler(model, schedule)(x_T)
+        torch.testing.assert_close(x_T, x_T_copy, rtol=0, atol=0)
+    torch.testing.assert_close(got.detach(), x, **TOL)
+    torch.testing.assert_close(got.detach().norm(dim=1), torch.ones(B), **TOL)
+
+
+def test_samplers_reject_bad_arguments():
+    schedule = diffcore.Schedule.linear(4)
+    with pytest.raises(TypeError):
+        diffcore.nn.DiffuRecSampler("not callable", schedule)
+    with pytest.raises(TypeError):
+        diffcore.nn.SphereSampler(Denoiser(3), "not a schedule")
+
+
+# --- retrieval.topk against matmul + mask + a hand-written tie rule --------------------------------
+def _reference_topk(scores, k, history):
+    """Per row: sort by (-score, item id) in Python, the tie rule spelled out."""
+    scores = scores.clone()
+    for r, items in enumerate(history):
+        scores[r, items] = float("-inf")
+    values, ids = [], []
+    for row in scores.tolist():
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))[:k]
+        ids.append(order)
+        values.append([row[j] for j in order])
+    return torch.tensor(values, dtype=scores.dtype), torch.tensor(ids)
+
+
+def _csr(history, n_items):
+    crow = torch.tensor([0] + list(np.cumsum([len(h) for h in history])))
+    col = torch.tensor([j for h in history for j in sorted(h)], dtype=torch.long)
+    return torch.sparse_csr_tensor(crow, col, torch.ones(col.numel()), (len(history), n_items), check_invariants=True)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("k", [1, 5, 23])
+@pytest.mark.parametrize("as_tuple", [False, True], ids=["csr", "tuple"])
+def test_topk_scores_and_queries(k, as_tuple):
+    from diffcore import retrieval
+
+    g = torch.Generator().manual_seed(0)
+    B, n_items, d = 5, 23, 4
+    # small integer embeddings: many exact ties, and exactly representable scores
+    queries = torch.randint(-2, 3, (B, d), generator=g).float()
+    items = torch.randint(-2, 3, (n_items, d), generator=g).float()
+    history = [[0, 3, 4], [], list(range(n_items)), [22, 1], list(range(2, 21))]  # row 2 fully masked
+    exclude = _csr(history, n_items)
+    if as_tuple:
+        exclude = (exclude.crow_indices(), exclude.col_indices())
+    scores = queries @ items.T
+    expected_values, expected_ids = _reference_topk(scores, k, history)
+    values, ids = retrieval.topk(scores, k, exclude=exclude)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
+    torch.testing.assert_close(ids, expected_ids, rtol=0, atol=0)
+    for block_size in (1, 4, 7, 64):
+        values, ids = retrieval.topk(queries, k, items=items, exclude=exclude, block_size=block_size)
+        torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
+        torch.testing.assert_close(ids, expected_ids, rtol=0, atol=0)
+    values, ids = retrieval.topk(queries, k, items=items)
+    expected_values, expected_ids = _reference_topk(scores, k, [[]] * B)
+    torch.testing.assert_close(ids, expected_ids, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_topk_rejects_bad_arguments():
+    from diffcore import retrieval
+
+    scores = torch.randn(3, 6)
+    with pytest.raises(ValueError, match="k:"):
+        retrieval.topk(scores, 7)
+    with pytest.raises(ValueError, match="k:"):
+        retrieval.topk(scores, 0)
+    with pytest.raises(ValueError, match="items"):
+        retrieval.topk(torch.randn(3, 4), 2, items=torch.randn(6, 5))
+    with pytest.raises(ValueError, match="exclude"):
+        retrieval.topk(scores, 2, exclude=_csr([[0], [7], []], 8))
+    with pytest.raises(TypeError, match="exclude"):
+        retrieval.topk(scores, 2, exclude=torch.zeros(3, 6))
+    with pytest.raises(ValueError, match="item ids"):
+        retrieval.topk(scores, 2, exclude=(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 99])))
+
+
+class RecBoleLightGCN(nn.Module):
+    """RecBole's layout: user_embedding / item_embedding, norm_adj_matrix, the propagation in forward()."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.n_users, self.n_items, self.n_layers = source.num_users, source.num_items, source.n_layers
+        self.user_embedding = nn.Embedding(self.n_users, source.embedding_user.weight.shape[1])
+        self.item_embedding = nn.Embedding(self.n_items, source.embedding_item.weight.shape[1])
+        with torch.no_grad():
+            self.user_embedding.weight.copy_(source.embedding_user.weight)
+            self.item_embedding.weight.copy_(source.embedding_item.weight)
+        self.norm_adj_matrix = source.Graph
+
+    def get_ego_embeddings(self):
+        return torch.cat([self.user_embedding.weight, self.item_embedding.weight], dim=0)
+
+    def forward(self):
+        all_embeddings = self.get_ego_embeddings()
+        embeddings_list = [all_embeddings]
+        for _ in range(self.n_layers):
+            all_embeddings = torch.sparse.mm(self.norm_adj_matrix, all_embeddings)
+            embeddings_list.append(all_embeddings)
+        out = torch.mean(torch.stack(embeddings_list, dim=1), dim=1)
+        return torch.split(out, [self.n_users, self.n_items])
+
+    def calculate_loss(self, users, items):
+        user_all, item_all = self.forward()
+        return (user_all[users] * item_all[items]).sum(1).square().sum()
+
+
+def test_recbole_lightgcn_layout():
+    model = RecBoleLightGCN(_lightgcn())
+    users, items = torch.tensor([0, 3, 8, 5]), torch.tensor([1, 12, 4, 4])
+    model.calculate_loss(users, items).backward()
+    expected = [p.grad.clone() for p in (model.user_embedding.weight, model.item_embedding.weight)]
+    expected_out = [t.detach() for t in model()]
+    model.zero_grad()
+    with lightgcn.accelerate(model) as handle:
+        assert handle.layout == "recbole" and model.forward.__self__ is handle
+        model.calculate_loss(users, items).backward()
+        got_out = [t.detach() for t in model()]
+    assert "forward" not in model.__dict__ and model.forward.__func__ is RecBoleLightGCN.forward
+    for a, b in zip(got_out, expected_out):
+        torch.testing.assert_close(a, b, **TOL)
+    for p, b in zip((model.user_embedding.weight, model.item_embedding.weight), expected):
+        torch.testing.assert_close(p.grad, b, **TOL)

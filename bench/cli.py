@@ -23,7 +23,7 @@ DTYPES = {
 
 # Per suite: timed samples, warm-up calls, minimum seconds per sample, torch.compile backend.
 SUITE_SETTINGS = {
-    "quick": dict(repeat=5, warmup=1, min_sample_s=0.02, compile_backend="inductor"),
+    "quick": dict(repeat=3, warmup=1, min_sample_s=0.02, compile_backend="inductor"),
     "full": dict(repeat=15, warmup=2, min_sample_s=0.05, compile_backend="inductor"),
     # tiny shapes for the test suite; Dynamo with the eager backend exercises the compile path in ~1 s
     "smoke": dict(repeat=1, warmup=0, min_sample_s=0.0, compile_backend="eager"),
@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", metavar="FAMILY[,FAMILY]", help=f"families to run (of {', '.join(FAMILIES)})")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")
-    p.add_argument("--repeat", type=int, help="timed samples per row (default: 5 quick, 15 full)")
+    p.add_argument("--repeat", type=int, help="timed samples per row (default: 3 quick, 15 full)")
     p.add_argument("--json", metavar="PATH", help="write the rows, machine and targets as JSON")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speed-ups and roofline shares (matplotlib)")

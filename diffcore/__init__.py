@@ -16,6 +16,7 @@ from diffcore import retrieval as retrieval
 from diffcore import sde as sde
 from diffcore import sparse as sparse
 from diffcore import sphere as sphere
+from diffcore import training as training
 from diffcore._registry import implementations, use
 from diffcore.diffusion import Schedule, ddim_step, p_step, p_step_, q_sample, sample
 

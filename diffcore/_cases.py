@@ -715,3 +715,228 @@ def _sde_step_case(dtype, shape, layout, kind, step, output, t_kind, *, seed=Non
     agreement = Close(1e-6, NOISE_ATOL) if seed is not None and dtype == torch.float32 else None
     name = f"{step} {kind} t={t_kind} {('x', 'x_mean')[output]} {_shape_name(shape)}" + _seed_name(seed, offset)
     return reference_case("sde_step", name, dtype, operands, call, reference, layout=layout, agreement=agreement)
+
+
+# === family: training ============================================================================
+# DiffRec's diffusion loss (its float64 weights, t = 0 cases, pt) and Lt_history, LightGCN's BPR
+# loss (index and rows forms, the L2 term), SGL's InfoNCE: each against the transcription of the
+# code people run (diffcore.reference.training), values and gradients (the ``*_backward`` ops;
+# a gradient case returns d/d operands of ``sum(loss * weights)`` through the public call).
+from diffcore.reference import training as ref_training  # noqa: E402
+
+TRAINING_OPS = (
+    "training_diffusion_loss", "training_diffusion_loss_backward", "training_history_update",
+    "training_bpr_loss", "training_bpr_loss_backward", "training_info_nce", "training_info_nce_backward",
+)
+
+
+@family("training", ops=TRAINING_OPS,
+        description="diffusion_loss, TimestepSampler.update, bpr_loss, info_nce; values and gradients")
+def _training_cases(quick: bool) -> list[Case]:
+    cases = []
+    loss_shapes = [((5, 257), "row_stride"), ((3, 2810), "column_major")]
+    if not quick:
+        loss_shapes += [((7, 1001), lay) for lay in LAYOUTS] + [((1, 1), "contiguous"), ((0, 10), "contiguous")]
+    for dtype in DTYPES:
+        for shape, layout in loss_shapes:
+            if shape != (1, 1) or dtype == torch.float32:  # one element in low precision: the rule would
+                cases.append(_loss_case(dtype, shape, layout, "x0", True, True))  # compare rounding luck
+        cases += [
+            _loss_case(dtype, (5, 257), "contiguous", "eps", True, True),  # the t = 0 likelihood row
+            _loss_case(dtype, (5, 257), "column_major", "eps", False, False),
+            _loss_case(dtype, (4, 99), "contiguous", "x0", False, False),
+            _loss_case(dtype, (5, 257), "row_stride", "x0", True, True, grad=True),
+            _loss_case(dtype, (5, 257), "column_major", "eps", True, False, grad=True),
+        ]
+        cases += [
+            _bpr_case(dtype, "indices", True, 1e-2, "mean", "contiguous"),
+            _bpr_case(dtype, "indices", False, 1e-1, "none", "row_stride"),
+            _bpr_case(dtype, "rows", True, 1e-2, "sum", "column_major"),
+            _bpr_case(dtype, "indices", True, 1e-2, "mean", "row_stride", grad=True),
+            _bpr_case(dtype, "rows", False, 1e-1, "none", "contiguous", grad=True),
+            _nce_case(dtype, (37, 64), "cosine", False, "mean", "contiguous"),
+            _nce_case(dtype, (19, 5), "dot", True, "none", "column_major", temperature=0.5),
+            _nce_case(dtype, (37, 64), "cosine", False, "mean", "row_stride", grad=True),
+            _nce_case(dtype, (19, 5), "dot", True, "sum", "contiguous", grad=True, temperature=0.5),
+        ]
+        if not quick:
+            cases += [
+                _bpr_case(dtype, "indices", False, 0.0, "sum", "column_major", grad=True),
+                _bpr_case(dtype, "rows", True, 1e-2, "mean", "row_stride", grad=True),
+                _nce_case(dtype, (100, 64), "cosine", True, "mean", "column_major", temperature=0.05),
+                _nce_case(dtype, (1, 3), "cosine", False, "none", "contiguous", grad=True),
+            ]
+    cases += [_history_case(s) for s in ((0, 1) if quick else (0, 1, 2, 3))]
+    return cases
+
+
+def _weights(n: int, seed: int) -> torch.Tensor:
+    """Upstream gradient weights of a gradient case: ``sum(loss * w)``."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _loss_case(dtype, shape, layout, prediction, reweight, with_pt, *, grad=False) -> Case:
+    schedule = _schedule("diffrec")
+    rows = shape[0]
+    t = _timesteps("row", rows, schedule.num_steps)
+    g = torch.Generator().manual_seed(rows + 3)
+    pt = torch.rand(rows, generator=g, dtype=torch.float64) + 0.05 if with_pt else None
+    w = _weights(rows, 7)
+    operands = randn_operands(shape, 3, seed=zlib.crc32(f"loss {shape} {prediction}".encode()))
+    kwargs = dict(prediction=prediction, reweight=reweight)
+
+    def call(device, m, x, z):
+        sched = _schedule("diffrec", str(device))
+        pt_here = None if pt is None else pt.to(device)
+        if grad:
+            m = m.detach().requires_grad_()
+        loss = diffcore.training.diffusion_loss(m, x, z, _t_on(t, device), sched, pt=pt_here, **kwargs)
+        if not grad:
+            return loss
+        (loss * w.to(device)).sum().backward()
+        return m.grad
+
+    def reference(m, x, z):
+        m = m.detach().requires_grad_(grad)
+        loss = ref_training.training_losses(m, x, z, t, schedule, **kwargs).double()
+        loss = loss if pt is None else loss / pt
+        if not grad:
+            return loss
+        (g_m,) = torch.autograd.grad((loss * w).sum(), m)
+        return g_m
+
+    op = "training_diffusion_loss" + ("_backward" if grad else "")
+    name = f"{'d/dm ' if grad else ''}diffusion_loss {prediction}{'' if reweight else ' no-reweight'}"
+    name += f"{' pt' if with_pt else ''} {_shape_name(shape)}"
+    return reference_case(op, name, dtype, operands, call, reference, layout=layout,
+                          out_dtype=None if grad else torch.float64)
+
+
+_BPR_SIZES = (13, 17, 29, 8)  # users, items, batch, d (odd: a partial vector at the end)
+
+
+def _bpr_inputs(seed: int) -> tuple[torch.Tensor, ...]:
+    n_users, n_items, batch, _ = _BPR_SIZES
+    g = torch.Generator().manual_seed(seed)
+    users = torch.randint(0, n_users, (batch,), generator=g)
+    pos = torch.randint(0, n_items, (batch,), generator=g)
+    neg = torch.randint(0, n_items, (batch,), generator=g)
+    neg[:2] = pos[:2]  # a row whose positive is its negative
+    return users, pos, neg
+
+
+def _bpr_case(dtype, form, ego, weight_decay, reduction, layout, *, grad=False) -> Case:
+    """LightGCN's ``bpr_loss`` (+ ``weight_decay * reg_loss``): index form over (user, item)
+    tables, or rows form over gathered (B, d) rows; gradients of every table."""
+    n_users, n_items, batch, d = _BPR_SIZES
+    users, pos, neg = _bpr_inputs(31)
+    w = _weights(batch, 9)[: batch if reduction == "none" else 1].reshape(-1 if reduction == "none" else ())
+
+    @functools.cache
+    def make() -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(5)
+        tables = [torch.randn(n, d, generator=g) for n in (n_users, n_items, n_users, n_items)]
+        if form == "indices":
+            return tuple(tables)
+        U, I, U0, I0 = tables
+        return U[users], I[pos], I[neg], U0[users], I0[pos], I0[neg]
+
+    def call(device, *ops):
+        ops = [v.detach().requires_grad_(grad) for v in ops]
+        if form == "indices":
+            U, I, U0, I0 = ops
+            idx = [v.to(device) for v in (users, pos, neg)]
+            loss = diffcore.training.bpr_loss((U, I), *idx, ego=(U0, I0) if ego else None, weight_decay=weight_decay,
+                                              reduction=reduction)
+        else:
+            loss = diffcore.training.bpr_loss(*ops[:3], ego=tuple(ops[3:]) if ego else None, weight_decay=weight_decay,
+                                              reduction=reduction)
+        return _loss_or_grads(loss, ops if ego else ops[: 2 if form == "indices" else 3], w, grad)
+
+    def reference(*ops):
+        ops = [v.detach().requires_grad_(grad) for v in ops]
+        if form == "indices":
+            U, I, U0, I0 = ops
+            rows = ref_training.get_embedding(U, I, U0 if ego else U, I0 if ego else I, users, pos, neg)
+        else:
+            rows = ops if ego else ops[:3] * 2
+        if reduction == "mean":  # LightGCN: loss + weight_decay * reg_loss
+            loss, reg_loss = ref_training.bpr_loss(*rows)
+            loss = loss + weight_decay * reg_loss
+        else:
+            u, p, n, u0, p0, n0 = rows
+            rows_loss = torch.nn.functional.softplus((u * n).sum(1) - (u * p).sum(1))
+            rows_loss = rows_loss + weight_decay * 0.5 * (u0.pow(2).sum(1) + p0.pow(2).sum(1) + n0.pow(2).sum(1))
+            loss = rows_loss if reduction == "none" else rows_loss.sum()
+        return _loss_or_grads(loss, ops if ego else ops[: 2 if form == "indices" else 3], w, grad)
+
+    op = "training_bpr_loss" + ("_backward" if grad else "")
+    name = f"{'grads ' if grad else ''}bpr_loss {form}{' ego' if ego else ''} wd={weight_decay:g} {reduction} "
+    name += f"{n_users}x{n_items} B={batch} d={d}"
+    return reference_case(op, name, dtype, make, call, reference, layout=layout)
+
+
+def _loss_or_grads(loss: torch.Tensor, leaves: Sequence[torch.Tensor], w: torch.Tensor, grad: bool) -> torch.Tensor:
+    """The loss, or the flattened gradients of ``sum(loss * w)`` w.r.t. the leaves."""
+    if not grad:
+        return loss
+    grads = torch.autograd.grad((loss * w.to(loss.device, loss.dtype)).sum(), leaves)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def _nce_case(dtype, shape, similarity, symmetric, reduction, layout, *, grad=False, temperature=0.2) -> Case:
+    """SELFRec's ``InfoNCE`` (``symmetric``: the mean of both directions)."""
+    w = _weights(shape[0], 11)[: shape[0] if reduction == "none" else 1].reshape(-1 if reduction == "none" else ())
+    operands = randn_operands(shape, 2, seed=zlib.crc32(f"nce {shape}".encode()))
+    cosine = similarity == "cosine"
+
+    def call(device, a, b):
+        a, b = a.detach().requires_grad_(grad), b.detach().requires_grad_(grad)
+        loss = diffcore.training.info_nce(a, b, temperature, similarity=similarity, symmetric=symmetric,
+                                          reduction=reduction)
+        return _loss_or_grads(loss, (a, b), w, grad)
+
+    def reference(a, b):
+        a, b = a.detach().requires_grad_(grad), b.detach().requires_grad_(grad)
+
+        def one(x, y):
+            if reduction == "mean":
+                return ref_training.info_nce(x, y, temperature, b_cos=cosine)
+            return ref_training.info_nce_op(x, y, temperature, cosine, reduction)
+
+        loss = 0.5 * (one(a, b) + one(b, a)) if symmetric else one(a, b)
+        return _loss_or_grads(loss, (a, b), w, grad)
+
+    op = "training_info_nce" + ("_backward" if grad else "")
+    name = f"{'grads ' if grad else ''}info_nce {similarity}{' symmetric' if symmetric else ''} {reduction} "
+    name += f"tau={temperature:g} {_shape_name(shape)}"
+    return reference_case(op, name, dtype, operands, call, reference, layout=layout)
+
+
+def _history_case(seed: int) -> Case:
+    """``TimestepSampler.update`` over batches with repeated timesteps (one batch repeats a
+    timestep more often than the history holds), against DiffRec's loop: history and counts."""
+    steps, history = (5, 3) if seed % 2 == 0 else (7, 4)
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for k in range(5):
+        t = torch.randint(0, steps, (9,), generator=g)
+        if k == 2:
+            t[:6] = 1  # six rows of one timestep in one batch
+        batches.append((t, torch.rand(9, generator=g, dtype=torch.float64)))
+
+    def run(device: torch.device) -> torch.Tensor:
+        sampler = diffcore.training.TimestepSampler(steps, "importance", history, device=device)
+        for t, losses in batches:
+            sampler.update(t.to(device), losses.to(device))
+        return torch.cat([sampler.history.reshape(-1), sampler.count.double()])
+
+    def reference() -> torch.Tensor:
+        lt_history = torch.zeros(steps, history, dtype=torch.float64)
+        lt_count = torch.zeros(steps, dtype=torch.int64)
+        for t, losses in batches:
+            ref_training.update_lt_history(lt_history, lt_count, t, losses)
+        return torch.cat([lt_history.reshape(-1), lt_count.double()])
+
+    name = f"update T={steps} H={history} 5 batches of 9, repeated t, seed={seed}"
+    return Case("training_history_update", name, torch.float64, run, reference, Close(0.0, 0.0, scaled=False))

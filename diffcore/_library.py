@@ -769,3 +769,322 @@ def _sde_out(impl):
 
 for _op, _wrap in zip(SDE_STEP_OPS, (_sde_functional, _sde_inplace, _sde_out)):
     impl_python(_op, _wrap, cpu_fallback=_reference_sde_step_out, cuda=_triton_sde_step_out)
+
+
+# --- training family (diffcore.training) --------------------------------------------------------
+# Ops (``torch.ops.diffcore.<name>``); the meaning is diffcore.reference.training:
+#
+# ``training_diffusion_loss(model_out, x0, noise, t, table, pt, eps, reweight) -> Tensor``
+#     (B,) float64: DiffRec's per-row loss ``w[t] term / pt`` in one pass over (B, N) rows::
+#         term = mean_j (target - model_out)^2               target = x0, or noise when eps
+#         eps and reweight at t = 0: mean_j (x0 - x0_hat)^2 / 2,
+#             x0_hat = c3 x_t - c4 model_out, x_t = c1 x0 + c2 noise    (float32 c = table[0, 1:])
+#         w = table[t, 0] (reweight), else 1;  pt (B,) optional, every value > 0
+#     ``table``: (T, 5) float64 rows (w, sqrt_ab, sqrt_1mab, sqrt_recip_ab, sqrt_recipm1_ab);
+#     operands float32/float16/bfloat16 (float32 math) or float64. t outside [0, T) raises.
+# ``training_diffusion_loss_backward(grad, <the same>) -> Tensor``   d loss / d model_out, (B, N)
+# ``training_history_update_(Tensor(a!) history, Tensor(b!) count, t, losses) -> ()``
+#     DiffRec's Lt_history update, row by row in batch order: a full history (count == H) drops
+#     its oldest value and appends the loss; else the loss goes to position count, count += 1.
+#     history (T, H) float64, count (T,) int64, t (B,) int64, losses (B,) float.
+# ``training_bpr_loss(user_table, item_table, users, pos, neg, user_ego, item_ego, weight_decay,
+#     reduction) -> Tensor``: per row ``softplus(<u, n> - <u, p>) + weight_decay * 0.5 (|u0|^2 +
+#     |p0|^2 + |n0|^2)``, u = user_table[users[b]], p/n = item_table[pos[b]/neg[b]], the ego rows
+#     from user_ego/item_ego (None: the score tables); reduction "mean" (LightGCN), "sum", "none".
+# ``training_bpr_loss_backward(grad, <the same>) -> (Tensor, Tensor, Tensor, Tensor)``
+#     dense gradients of user_table, item_table, user_ego, item_ego (the last two (0,) when no ego
+#     tables are given: their term then lands in the score tables), rows scattered, never gathered.
+# ``training_info_nce(a, b, temperature, cosine, reduction) -> Tensor``: per row
+#     ``logsumexp_j(s_ij / tau) - s_ii / tau``, s = <a^_i, b^_j> (rows L2-normalised when cosine),
+#     without forming the (B, B) matrix; reduction as above.
+# ``training_info_nce_backward(grad, a, b, temperature, cosine, reduction) -> (Tensor, Tensor)``
+#
+# Autograd (the functional ops): the loss ops run their ``_backward`` op (so each backend also
+# owns its backward); pt and t get no gradient. The registry also lists every backward op, and
+# diffcore.training runs both halves of the implementation ``diffcore.use`` forces.
+from diffcore.reference import training as _ref_training  # noqa: E402
+
+_LOSS_ARGS = "Tensor model_out, Tensor x0, Tensor? noise, Tensor t, Tensor table, Tensor? pt, bool eps, bool reweight"
+_BPR_ARGS = (
+    "Tensor user_table, Tensor item_table, Tensor users, Tensor pos, Tensor neg, Tensor? user_ego, "
+    "Tensor? item_ego, float weight_decay, str reduction"
+)
+_NCE_ARGS = "Tensor a, Tensor b, float temperature, bool cosine, str reduction"
+_lib.define(f"training_diffusion_loss({_LOSS_ARGS}) -> Tensor")
+_lib.define(f"training_diffusion_loss_backward(Tensor grad, {_LOSS_ARGS}) -> Tensor")
+_lib.define("training_history_update_(Tensor(a!) history, Tensor(b!) count, Tensor t, Tensor losses) -> ()")
+_lib.define(f"training_bpr_loss({_BPR_ARGS}) -> Tensor")
+_lib.define(f"training_bpr_loss_backward(Tensor grad, {_BPR_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)")
+_lib.define(f"training_info_nce({_NCE_ARGS}) -> Tensor")
+_lib.define(f"training_info_nce_backward(Tensor grad, {_NCE_ARGS}) -> (Tensor, Tensor)")
+
+TRAINING_LOSS_OPS = ("training_diffusion_loss", "training_bpr_loss", "training_info_nce")
+TRAINING_OPS = TRAINING_LOSS_OPS + tuple(f"{op}_backward" for op in TRAINING_LOSS_OPS) + ("training_history_update",)
+
+
+# --- output allocation (fake kernels and Python backends share it) ------------------------------
+def _training_reduced(rows: int, reduction: str, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((rows,) if reduction == "none" else ())
+
+
+def _training_bpr_grads_like(user_table, item_table, user_ego, item_ego) -> tuple[torch.Tensor, ...]:
+    def like(t, fallback):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else fallback.new_empty((0,))
+
+    return like(user_table, None), like(item_table, None), like(user_ego, user_table), like(item_ego, item_table)
+
+
+def training_outputs(op: str, args: tuple) -> tuple[torch.Tensor, ...]:
+    """The tensors the out form of ``op`` writes, allocated for its (functional) arguments."""
+    if op == "training_diffusion_loss":
+        return (args[0].new_empty((args[0].shape[0],), dtype=torch.float64),)
+    if op == "training_diffusion_loss_backward":
+        return (torch.empty_like(args[1], memory_format=torch.contiguous_format),)
+    if op == "training_bpr_loss":
+        return (_training_reduced(args[2].shape[0], args[8], args[0]),)
+    if op == "training_bpr_loss_backward":
+        return _training_bpr_grads_like(args[1], args[2], args[6], args[7])
+    if op == "training_info_nce":
+        return (_training_reduced(args[0].shape[0], args[4], args[0]),)
+    if op == "training_info_nce_backward":
+        return tuple(torch.empty_like(v, memory_format=torch.contiguous_format) for v in args[1:3])
+    raise KeyError(op)
+
+
+for _op in TRAINING_OPS:
+    if _op != "training_history_update":
+        torch.library.register_fake(f"diffcore::{_op}")(
+            lambda *args, _op=_op: (lambda outs: outs[0] if len(outs) == 1 else outs)(training_outputs(_op, args))
+        )
+torch.library.register_fake("diffcore::training_history_update_")(lambda history, count, t, losses: None)
+
+
+# --- autograd: the formulas both the dispatcher and a forced implementation use -----------------
+def _training_loss_grads(args, grads, needs, backward):
+    """Gradients of ``training_diffusion_loss`` for its 8 arguments: ``backward(grad, *args)``
+    gives d/d model_out; x0 and noise follow from it row by row (float32 coefficients)::
+
+        target rows:        d/d target = -d/d model_out
+        likelihood rows:    d/d x0 = (1 - c3 c1) / c4 * g,   d/d noise = -c3 c2 / c4 * g
+    """
+    model_out, x0, noise, t, table, pt, eps, reweight = args
+    (grad,) = grads
+    if not any(needs[:3]):
+        return (None,) * 8
+    grad_m = backward(grad, *args)
+    grad_x0 = grad_noise = None
+    if needs[1] or (needs[2] and noise is not None and eps):
+        t = t.expand(model_out.shape[0])
+        c = table[t].float()  # the float32 coefficients the forward used
+        c = c.double() if grad_m.dtype == torch.float64 else c
+        g = grad_m.to(c.dtype)
+        if eps:
+            likelihood = (t == 0) & reweight
+            safe_c4 = torch.where(likelihood, c[:, 4], 1.0)
+            scale_x0 = torch.where(likelihood, (1 - c[:, 3] * c[:, 1]) / safe_c4, 0.0)
+            scale_noise = torch.where(likelihood, -c[:, 3] * c[:, 2] / safe_c4, -1.0)
+        else:
+            scale_x0, scale_noise = torch.full_like(c[:, 0], -1.0), torch.zeros_like(c[:, 0])
+        if needs[1]:
+            grad_x0 = (g * scale_x0[:, None]).to(x0.dtype)
+        if needs[2] and noise is not None and eps:
+            grad_noise = (g * scale_noise[:, None]).to(noise.dtype)
+    return grad_m if needs[0] else None, grad_x0, grad_noise, None, None, None, None, None
+
+
+def _training_bpr_grads(args, grads, needs, backward):
+    """Gradients of ``training_bpr_loss`` for its 9 arguments (tables and ego tables)."""
+    (grad,) = grads
+    if not any(needs[i] for i in (0, 1, 5, 6)):
+        return (None,) * 9
+    g_user, g_item, g_user_ego, g_item_ego = backward(grad, *args)
+    user_ego, item_ego = args[5], args[6]
+    return (
+        g_user if needs[0] else None, g_item if needs[1] else None, None, None, None,
+        g_user_ego if needs[5] and user_ego is not None else None,
+        g_item_ego if needs[6] and item_ego is not None else None, None, None,
+    )
+
+
+def _training_nce_grads(args, grads, needs, backward):
+    """Gradients of ``training_info_nce`` for its 5 arguments."""
+    (grad,) = grads
+    if not (needs[0] or needs[1]):
+        return (None,) * 5
+    g_a, g_b = backward(grad, *args)
+    return g_a if needs[0] else None, g_b if needs[1] else None, None, None, None
+
+
+TRAINING_GRADS = {
+    "training_diffusion_loss": _training_loss_grads,
+    "training_bpr_loss": _training_bpr_grads,
+    "training_info_nce": _training_nce_grads,
+}
+
+
+def _training_register_autograd(op: str) -> None:
+    def setup_context(ctx, inputs, output):
+        ctx.tensor_slots = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_slots))
+        ctx.inputs = [None if isinstance(v, torch.Tensor) else v for v in inputs]
+
+    def backward(ctx, *grads):
+        args = list(ctx.inputs)
+        for i, v in zip(ctx.tensor_slots, ctx.saved_tensors):
+            args[i] = v
+        backward_op = getattr(torch.ops.diffcore, f"{op}_backward")
+        return TRAINING_GRADS[op](tuple(args), grads, ctx.needs_input_grad, backward_op)
+
+    torch.library.register_autograd(f"diffcore::{op}", backward, setup_context=setup_context)
+
+
+for _op in TRAINING_LOSS_OPS:
+    _training_register_autograd(_op)
+
+
+# --- implementations (out form: the op's arguments, then its outputs) ---------------------------
+def _training_check_range(name: str, index: torch.Tensor, n: int, what: str = "index") -> None:
+    """The reference's twin of the kernels' value checks (raises RuntimeError)."""
+    flat = index.reshape(-1)
+    outside = (flat < 0) | (flat >= n)
+    if bool(outside.any()):
+        i = int(outside.nonzero()[0, 0])
+        raise RuntimeError(f"{name}: every {what} must lie in [0, {n}), got {name}[{i}] = {int(flat[i])}")
+
+
+def _training_check_pt(pt: torch.Tensor | None) -> None:
+    if pt is not None:
+        bad = ~(pt.reshape(-1) > 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise RuntimeError(f"pt: every probability must be positive, got pt[{i}] = {float(pt.reshape(-1)[i])}")
+
+
+def _training_check_bpr(user_table, item_table, users, pos, neg, user_ego, item_ego):
+    _training_check_range("users", users, user_table.shape[0])
+    _training_check_range("pos", pos, item_table.shape[0])
+    _training_check_range("neg", neg, item_table.shape[0])
+    if user_ego is not None:
+        _training_check_range("users", users, user_ego.shape[0], "index of user_ego")
+    if item_ego is not None:
+        _training_check_range("pos", pos, item_ego.shape[0], "index of item_ego")
+        _training_check_range("neg", neg, item_ego.shape[0], "index of item_ego")
+
+
+def _reference_training_loss(model_out, x0, noise, t, table, pt, eps, reweight, out):
+    _training_check_range("t", t, table.shape[0], "timestep")
+    _training_check_pt(pt)
+    out.copy_(_ref_training.diffusion_loss_op(model_out, x0, noise, t, table, pt, eps, reweight))
+
+
+def _reference_training_loss_backward(grad, model_out, x0, noise, t, table, pt, eps, reweight, out):
+    _training_check_range("t", t, table.shape[0], "timestep")
+    _training_check_pt(pt)
+    with torch.enable_grad():
+        m = model_out.detach().requires_grad_()
+        loss = _ref_training.diffusion_loss_op(m, x0, noise, t, table, pt, eps, reweight)
+        (g,) = torch.autograd.grad(loss, m, grad)
+    out.copy_(g)
+
+
+def _reference_training_history_update(history, count, t, losses):
+    _training_check_range("t", t, history.shape[0], "timestep")
+    _ref_training.update_lt_history(history, count, t, losses)
+
+
+def _reference_training_bpr(user_table, item_table, users, pos, neg, user_ego, item_ego, weight_decay, reduction, out):
+    _training_check_bpr(user_table, item_table, users, pos, neg, user_ego, item_ego)
+    out.copy_(_ref_training.bpr_loss_op(user_table, item_table, users, pos, neg, user_ego, item_ego, weight_decay,
+                                        reduction))
+
+
+def _reference_training_bpr_backward(grad, user_table, item_table, users, pos, neg, user_ego, item_ego, weight_decay,
+                                     reduction, g_user, g_item, g_user_ego, g_item_ego):
+    _training_check_bpr(user_table, item_table, users, pos, neg, user_ego, item_ego)
+    tables = [None if v is None else v.detach().requires_grad_() for v in (user_table, item_table, user_ego, item_ego)]
+    with torch.enable_grad():
+        loss = _ref_training.bpr_loss_op(tables[0], tables[1], users, pos, neg, tables[2], tables[3], weight_decay,
+                                         reduction)
+        wanted = [v for v in tables if v is not None]
+        grads = iter(torch.autograd.grad(loss, wanted, grad, allow_unused=True))
+    for table, out in zip(tables, (g_user, g_item, g_user_ego, g_item_ego)):
+        if table is not None:
+            g = next(grads)
+            out.copy_(torch.zeros_like(table) if g is None else g)
+
+
+def _reference_training_nce(a, b, temperature, cosine, reduction, out):
+    out.copy_(_ref_training.info_nce_op(a, b, temperature, cosine, reduction))
+
+
+def _reference_training_nce_backward(grad, a, b, temperature, cosine, reduction, g_a, g_b):
+    with torch.enable_grad():
+        a2, b2 = a.detach().requires_grad_(), b.detach().requires_grad_()
+        loss = _ref_training.info_nce_op(a2, b2, temperature, cosine, reduction)
+        ga, gb = torch.autograd.grad(loss, (a2, b2), grad)
+    g_a.copy_(ga)
+    g_b.copy_(gb)
+
+
+_TRAINING_OUTPUTS = {  # how many out tensors each op's out form takes
+    "training_diffusion_loss": 1, "training_diffusion_loss_backward": 1, "training_history_update": 0,
+    "training_bpr_loss": 1, "training_bpr_loss_backward": 4, "training_info_nce": 1, "training_info_nce_backward": 2,
+}
+
+
+def _cpu_training(op):
+    """The C++ kernel through the dispatcher, its outputs copied into the out tensors."""
+    n_out = _TRAINING_OUTPUTS[op]
+
+    def run(*args):
+        if op == "training_history_update":
+            torch.ops.diffcore.training_history_update_(*args)
+            return
+        inputs, outs = args[: len(args) - n_out], args[len(args) - n_out :]
+        result = getattr(torch.ops.diffcore, op)(*inputs)
+        for out, value in zip(outs, result if isinstance(result, tuple) else (result,)):
+            out.copy_(value)
+
+    return run
+
+
+def _triton_training(op):
+    def run(*args):
+        getattr(_kernels("training"), f"{op}_out")(*args)
+
+    return run
+
+
+_TRAINING_REFERENCES = {
+    "training_diffusion_loss": _reference_training_loss,
+    "training_diffusion_loss_backward": _reference_training_loss_backward,
+    "training_history_update": _reference_training_history_update,
+    "training_bpr_loss": _reference_training_bpr,
+    "training_bpr_loss_backward": _reference_training_bpr_backward,
+    "training_info_nce": _reference_training_nce,
+    "training_info_nce_backward": _reference_training_nce_backward,
+}
+for _op, _ref_impl in _TRAINING_REFERENCES.items():
+    _registry.register(_op, "reference", _ref_impl, devices=("cpu", "cuda"))
+    _registry.register(_op, "cpu", _cpu_training(_op), devices=("cpu",), unavailable=_extension_reason)
+    _registry.register(_op, "triton", _triton_training(_op), devices=("cpu", "cuda"), unavailable=_triton_unavailable)
+
+
+# --- Python backends: the reference without _C, Triton for CUDA tensors -------------------------
+def _training_functional(op):
+    def wrap(impl):
+        def run(*args):
+            outs = training_outputs(op, args)
+            impl(*args, *outs)
+            return outs[0] if len(outs) == 1 else outs
+
+        return run
+
+    return wrap
+
+
+for _op, _ref_impl in _TRAINING_REFERENCES.items():
+    if _op == "training_history_update":
+        impl_python("training_history_update_", _as_is, cpu_fallback=_ref_impl, cuda=_triton_training(_op))
+    else:
+        impl_python(_op, _training_functional(_op), cpu_fallback=_ref_impl, cuda=_triton_training(_op))

@@ -1,5 +1,5 @@
 """Pure-PyTorch references: the meaning of every diffcore op, one module per family."""
 
-from diffcore.reference import diffusion, random, sde, sparse, sphere
+from diffcore.reference import diffusion, random, sde, sparse, sphere, training
 
-__all__ = ["diffusion", "random", "sde", "sparse", "sphere"]
+__all__ = ["diffusion", "random", "sde", "sparse", "sphere", "training"]

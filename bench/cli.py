@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of speed-ups and roofline shares (matplotlib)")
     p.add_argument("--list", action="store_true", help="list families, cases and providers; run nothing")
+    p.add_argument("--providers", metavar="NAME[,NAME]",
+                   help="time only providers whose name contains one of these (e.g. diffcore:cpu); the "
+                        "baselines the speed-ups are computed against always run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (listed as skipped)")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     p.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
@@ -81,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(config.threads)
     cases = [case for module in families for case in module.cases(config)]
+    if args.providers:
+        try:
+            cases = _select_providers(cases, args.providers)
+        except UsageError as exc:
+            print(f"python -m bench: error: {exc}", file=sys.stderr)
+            return 2
     if args.list:
         print(_listing(families, cases, config))
         return 0
@@ -128,6 +137,20 @@ def run(cases: list, families: list[ModuleType], config: Config, progress: bool 
         "targets": report.evaluate_targets(targets, rows, config.threads, dtype),
         "elapsed_s": time.perf_counter() - started,
     }
+
+
+def _select_providers(cases: list, spec: str) -> list:
+    """Keeps the providers whose name contains one of the comma-separated names, and every baseline."""
+    wanted = [w.strip() for w in spec.split(",") if w.strip()]
+    if not wanted:
+        raise UsageError("--providers: expected provider names, e.g. diffcore:cpu")
+    known = {p.name for case in cases for p in case.providers}
+    unknown = [w for w in wanted if not any(w in name for name in known)]
+    if unknown:
+        raise UsageError(f"--providers: no provider matches {', '.join(unknown)}; providers: {', '.join(sorted(known))}")
+    for case in cases:
+        case.providers = [p for p in case.providers if p.role or any(w in p.name for w in wanted)]
+    return cases
 
 
 def _configure(args: argparse.Namespace) -> tuple[Config, list[ModuleType]]:

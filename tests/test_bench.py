@@ -112,6 +112,7 @@ def test_mismatch_fails_loudly(monkeypatch, capsys, keep_threads):
     (["--suite", "huge"], "--suite"),
     (["--json", "/no/such/dir/out.json"], "does not exist"),
     (["--compare", "/no/such/old.json", "/no/such/new.json"], "no such file"),
+    (["--suite", "smoke", "--only", "random", "--providers", "nope"], "no provider matches nope"),
 ])
 def test_bad_input(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -153,3 +154,10 @@ def test_targets_evaluation():
     assert result[3]["measured"] is None and "not in this run" in result[3]["why"]
     text = targets_text(result)
     assert "speed-up vs other (in-place) >= 2x — measured 3.0x: met" in text and "**MISSED** (83% of the goal)" in text
+
+
+def test_providers_filter_keeps_the_baselines(capsys):
+    argv = ["--suite", "smoke", "--only", "random", "--no-compile", "--no-progress", "--providers", "diffcore:cpu"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "diffcore:cpu" in out and "torch.randn" in out and "diffcore:triton" not in out

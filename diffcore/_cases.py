@@ -940,3 +940,96 @@ def _history_case(seed: int) -> Case:
 
     name = f"update T={steps} H={history} 5 batches of 9, repeated t, seed={seed}"
     return Case("training_history_update", name, torch.float64, run, reference, Close(0.0, 0.0, scaled=False))
+
+
+# === family: linalg ==============================================================================
+def _linalg_tolerance(dtype: torch.dtype, kind: str) -> Tolerance:
+    """float32: the standard rule. float64: exact-sign Omegas (rademacher, sparse) to FP64_TOL;
+    a Gaussian Omega's normals are float32 values that differ across backends by a few ulp of
+    log/sin/cos, so float64 sketches agree to the noise's NOISE_ATOL (relative to max |ref|)."""
+    if dtype == torch.float64 and kind == "gaussian":
+        return Close(0.0, NOISE_ATOL)
+    return standard_tolerance(dtype)
+
+
+def _projection_scale(k: int, kind: str, density: float | None) -> float:
+    return 1.0 / math.sqrt(k * ((density or 1 / 3) if kind == "sparse" else 1.0))
+
+
+@functools.cache
+def _linalg_sparse(kind: str) -> tuple[torch.Tensor | diffcore.sparse.Adjacency, tuple[int, int]]:
+    """``interactions``: a binary (23 x 41) user-item matrix with empty rows and columns and a hub
+    row, as an uncoalesced COO tensor; ``weighted``: float weights in CSR; ``adjacency``: the
+    normalised graph of the interactions (its scalings applied by the kernel)."""
+    g = torch.Generator().manual_seed(61)
+    users = torch.cat([torch.randint(2, 20, (90,), generator=g), torch.zeros(30, dtype=torch.long)])
+    items = torch.cat([torch.randint(0, 37, (90,), generator=g), torch.arange(30)])
+    if kind == "adjacency":
+        adj = diffcore.sparse.Adjacency.from_interactions(users, items, 23, 41)
+        return adj, adj.shape
+    coo = torch.sparse_coo_tensor(torch.stack([users, items]), torch.ones(users.numel()), (23, 41))
+    if kind == "interactions":
+        return coo, (23, 41)
+    weighted = torch.sparse_coo_tensor(coo.coalesce().indices(), torch.rand(coo.coalesce().values().numel(),
+                                                                            generator=g) + 0.25, (23, 41))
+    return weighted.to_sparse_csr(), (23, 41)
+
+
+@family("linalg", ops=("linalg_sketch", "linalg_sketch_csr"),
+        description="sketches A @ Omega with Omega generated in the kernel (gaussian, rademacher, sparse), "
+        "dense and CSR")
+def _linalg_cases(quick: bool) -> list[Case]:
+    from diffcore import linalg
+    from diffcore.reference import linalg as ref_linalg
+
+    shapes = [((37, 53), 7), ((5, 301), 70)] if quick else [((37, 53), 7), ((5, 301), 70), ((1, 1), 1),
+                                                                ((64, 2000), 33)]
+    layouts = ["column_major"] if quick else list(LAYOUTS)
+    draws = [("gaussian", None, 0, 0), ("rademacher", None, 2**64 - 1, 2**32 - 2), ("sparse", 0.1, 5, 3)]
+    if not quick:
+        draws += [("gaussian", None, 2**63 + 7, 2**32 - 3), ("sparse", None, 11, 0)]
+    cases = []
+    for dtype in (torch.float32, torch.float64):
+        for (shape, k), layout in ((s, lay) for s in shapes for lay in layouts):
+            for kind, density, seed, offset in draws:
+                scale = _projection_scale(k, kind, density)
+
+                def call(device, A, k=k, kind=kind, density=density, seed=seed, offset=offset):
+                    return linalg.random_projection(A, k, kind, seed, density=density, offset=offset)
+
+                def reference(A, k=k, kind=kind, density=density, scale=scale, seed=seed, offset=offset):
+                    return ref_linalg.sketch(A, k, kind, density or 1 / 3, scale, seed, offset)
+
+                tol = _linalg_tolerance(dtype, kind)
+                name = f"random_projection {kind} {_shape_name(shape)} k={k}" + _seed_name(seed, offset)
+                cases.append(reference_case("linalg_sketch", name, dtype, randn_operands(shape, 1, seed=71),
+                                            call, reference, layout=layout, tolerance=tol, agreement=tol))
+        sparse_kinds = ["interactions", "adjacency"] if quick else ["interactions", "weighted", "adjacency"]
+        for matrix in sparse_kinds:
+            if matrix == "adjacency" and dtype == torch.float64:
+                continue  # an Adjacency is a float32 operator
+            for kind, density, seed, offset in draws[: 2 if quick else None]:
+                for k in (5,) if quick else (5, 70):
+                    cases.append(_linalg_csr_case(matrix, dtype, k, kind, density, seed, offset))
+    return cases
+
+
+def _linalg_csr_case(matrix: str, dtype: torch.dtype, k: int, kind: str, density: float | None, seed: int,
+                     offset: int) -> Case:
+    from diffcore import linalg
+    from diffcore.reference import linalg as ref_linalg
+
+    A, shape = _linalg_sparse(matrix)
+    adjacency = isinstance(A, diffcore.sparse.Adjacency)
+
+    def run(device: torch.device) -> torch.Tensor:
+        operand = A.to(device) if adjacency else A.to(dtype).to(device)
+        return linalg.random_projection(operand, k, kind, seed, density=density, offset=offset)
+
+    def reference() -> torch.Tensor:
+        truth = A.to_sparse_coo(dtype) if adjacency else A.to(dtype).to_sparse_coo()
+        return ref_linalg.sketch(truth, k, kind, density or 1 / 3, _projection_scale(k, kind, density), seed, offset)
+
+    tol = _linalg_tolerance(dtype, kind)
+    name = f"random_projection {kind} {matrix} {_shape_name(shape)} k={k}" + _seed_name(seed, offset)
+    return Case("linalg_sketch_csr", name, dtype, run, reference, tol, agreement=tol)

@@ -1088,3 +1088,150 @@ for _op, _ref_impl in _TRAINING_REFERENCES.items():
         impl_python("training_history_update_", _as_is, cpu_fallback=_ref_impl, cuda=_triton_training(_op))
     else:
         impl_python(_op, _training_functional(_op), cpu_fallback=_ref_impl, cuda=_triton_training(_op))
+
+
+# --- linalg family (diffcore.linalg) ------------------------------------------------------------
+# Ops (``torch.ops.diffcore.<name>``); the meaning is diffcore.reference.linalg. Omega (n x k) is
+# never stored: its element (i, j) is element i * k + j of the Philox stream (seed, offset) as
+# ``kind`` reads it: "gaussian" the normal z, "rademacher" 1 - 2 bit31(w) of the word w, "sparse"
+# that sign where bits 7..30 of w are below floor(density 2^24), else 0.
+#
+# ``linalg_sketch(a, k, kind, density, scale, seed, offset) -> Tensor``
+#     ``scale * (a @ Omega)``: a (m, n) float32/float64, any strides -> (m, k) in a's dtype.
+#     NaN/Inf in a raise (in the kernel). Autograd: grad_a = scale * grad @ Omega^T (Omega made,
+#     for the backward only, by ``linalg_sketch_csr`` of the identity).
+# ``linalg_sketch_csr(crow, col, values, row_scale, col_scale, n_cols, k, kind, density, scale,
+#                     seed, offset, dtype) -> Tensor``
+#     ``scale * (A_hat @ Omega)`` with ``A_hat[r, c] = row_scale[r] * values[e] * col_scale[c]``
+#     (sparse_spmm's CSR arrays: crow (rows + 1,) int64, col (nnz,) int32/int64 sorted within each
+#     row, values (nnz,) float32/float64 or None, scalings float32 or None) -> (rows, k) ``dtype``
+#     (float32/float64). No autograd (the matrix is a constant).
+from diffcore.reference import linalg as _ref_linalg  # noqa: E402
+
+_OMEGA_ARGS = "int k, str kind, float density, float scale, int seed, int offset"
+_lib.define(f"linalg_sketch(Tensor a, {_OMEGA_ARGS}) -> Tensor")
+_lib.define(
+    "linalg_sketch_csr(Tensor crow, Tensor col, Tensor? values, Tensor? row_scale, Tensor? col_scale, int n_cols, "
+    f"{_OMEGA_ARGS}, ScalarType dtype) -> Tensor"
+)
+
+LINALG_OPS = ("linalg_sketch", "linalg_sketch_csr")
+
+
+@torch.library.register_fake("diffcore::linalg_sketch")
+def _(a, k, kind, density, scale, seed, offset):
+    return a.new_empty((a.shape[0], k))
+
+
+@torch.library.register_fake("diffcore::linalg_sketch_csr")
+def _(crow, col, values, row_scale, col_scale, n_cols, k, kind, density, scale, seed, offset, dtype):
+    return crow.new_empty((crow.shape[0] - 1, k), dtype=dtype)
+
+
+# --- autograd: the sketch is linear in a; its backward regenerates Omega ------------------------
+def _sketch_setup_context(ctx, inputs, output):
+    a, *omega_args = inputs
+    ctx.omega_args = tuple(omega_args)
+    ctx.n = a.shape[1]
+
+
+def _sketch_backward(ctx, grad):
+    n = ctx.n
+    eye_crow = torch.arange(n + 1, device=grad.device)
+    eye_col = torch.arange(n, device=grad.device)
+    scaled_omega = torch.ops.diffcore.linalg_sketch_csr(
+        eye_crow, eye_col, None, None, None, n, *ctx.omega_args, grad.dtype
+    )
+    return (grad @ scaled_omega.mT,) + (None,) * 6
+
+
+torch.library.register_autograd(
+    "diffcore::linalg_sketch", _sketch_backward, setup_context=_sketch_setup_context
+)
+
+
+# --- implementations (out form: the op's arguments, then out) -----------------------------------
+def _reference_sketch_out(a, k, kind, density, scale, seed, offset, out):
+    if a.numel() and not bool(torch.isfinite(a).all()):
+        raise RuntimeError("A: expected finite values, found NaN or Inf")
+    out.copy_(_ref_linalg.sketch_op(a, k, kind, density, scale, seed, offset))
+
+
+def _cpu_sketch_out(*args):
+    *args, out = args
+    out.copy_(torch.ops.diffcore.linalg_sketch(*args))
+
+
+def _triton_sketch_out(*args):
+    _kernels("linalg").linalg_sketch_out(*args)
+
+
+def _reference_sketch_csr_out(*args):
+    *args, out = args
+    values = args[2]
+    if values is not None and values.numel() and not bool(torch.isfinite(values).all()):
+        raise RuntimeError("values: expected finite values, found NaN or Inf")
+    out.copy_(_ref_linalg.sketch_csr_op(*args))
+
+
+def _cpu_sketch_csr_out(*args):
+    *args, out = args
+    out.copy_(torch.ops.diffcore.linalg_sketch_csr(*args))
+
+
+def _triton_sketch_csr_out(*args):
+    _kernels("linalg").linalg_sketch_csr_out(*args)
+
+
+# A diffcore._C built before csrc/cpu/linalg.cpp existed has no kernels for these ops: they then
+# run the reference on CPU, as without _C, and the registry says why "cpu" is not live.
+_LINALG_STALE_EXTENSION = _C is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+    "diffcore::linalg_sketch", "CPU"
+)
+
+
+def _linalg_extension_reason(device: torch.device) -> str | None:
+    if _LINALG_STALE_EXTENSION:
+        return "the loaded diffcore._C was built without csrc/cpu/linalg.cpp (rebuild it)"
+    return _extension_reason(device)
+
+
+for _linalg_op, _ref_impl, _cpu_impl, _triton_impl in (
+    ("linalg_sketch", _reference_sketch_out, _cpu_sketch_out, _triton_sketch_out),
+    ("linalg_sketch_csr", _reference_sketch_csr_out, _cpu_sketch_csr_out, _triton_sketch_csr_out),
+):
+    _registry.register(_linalg_op, "reference", _ref_impl, devices=("cpu", "cuda"))
+    _registry.register(_linalg_op, "cpu", _cpu_impl, devices=("cpu",), unavailable=_linalg_extension_reason)
+    _registry.register(
+        _linalg_op, "triton", _triton_impl, devices=("cpu", "cuda"), unavailable=_triton_unavailable
+    )
+
+
+# --- Python backends: the reference without _C, Triton for CUDA tensors -------------------------
+def _sketch_functional(impl):
+    def run(a, k, kind, density, scale, seed, offset):
+        out = a.new_empty((a.shape[0], k))
+        impl(a, k, kind, density, scale, seed, offset, out)
+        return out
+
+    return run
+
+
+def _sketch_csr_functional(impl):
+    def run(crow, col, values, row_scale, col_scale, n_cols, k, kind, density, scale, seed, offset, dtype):
+        out = torch.empty((crow.shape[0] - 1, k), dtype=dtype, device=crow.device)
+        impl(crow, col, values, row_scale, col_scale, n_cols, k, kind, density, scale, seed, offset, dtype, out)
+        return out
+
+    return run
+
+
+impl_python("linalg_sketch", _sketch_functional, cpu_fallback=_reference_sketch_out, cuda=_triton_sketch_out)
+impl_python(
+    "linalg_sketch_csr", _sketch_csr_functional, cpu_fallback=_reference_sketch_csr_out, cuda=_triton_sketch_csr_out
+)
+if _LINALG_STALE_EXTENSION:
+    _lib.impl("linalg_sketch", _sketch_functional(_reference_sketch_out), "CPU")
+    _lib.impl("linalg_sketch_csr", _sketch_csr_functional(_reference_sketch_csr_out), "CPU")
+    warnings.warn(f"diffcore: {_linalg_extension_reason(torch.device('cpu'))}; linalg ops run the PyTorch "
+                  "reference on CPU (slow).", RuntimeWarning, stacklevel=2)

@@ -30,6 +30,8 @@
 #include <diffcore/checks.h>
 #include <diffcore/cpu_isa.h>
 
+#include "csr.h"
+
 #include <algorithm>
 #include <atomic>
 #include <optional>
@@ -37,19 +39,6 @@
 #include <vector>
 
 namespace diffcore::cpu {
-
-// A CSR operator (rows x cols) and its optional scalings, all float32.
-struct CsrView {
-  int64_t rows = 0, cols = 0;
-  const int64_t* crow = nullptr;  // (rows + 1,)
-  const void* col = nullptr;      // (nnz,) int32 or int64
-  bool col32 = true;
-  const float* val = nullptr;        // (nnz,) or null: ones
-  const float* row_scale = nullptr;  // (rows,) or null: ones
-  const float* col_scale = nullptr;  // (cols,) or null: ones
-  const int64_t* parts = nullptr;    // (num_parts + 1,) row bounds of equal work
-  int64_t num_parts = 1;
-};
 
 struct SpmmOperands {
   CsrView a;
@@ -387,83 +376,13 @@ namespace diffcore::cpu {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-
-// A row of output costs about as much as this many gathered rows (it is written, and in
-// propagate also read and written in the combine).
-constexpr int64_t kRowCost = 2;
-// Below this many multiply-adds one thread does the whole product.
-constexpr int64_t kSerialWork = 1 << 16;
+using csr::csr_view;
+using csr::row_parts;
 
 void check_feature_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               name, ": expected float32, float64, float16 or bfloat16, got ", dt);
-}
-
-void check_vector(const OptTensor& t, int64_t n, const char* name, const at::Tensor& x) {
-  if (!t) return;
-  check_dim(*t, 1, name);
-  TORCH_CHECK(t->scalar_type() == at::kFloat, name, ": expected float32, got ", t->scalar_type());
-  TORCH_CHECK(t->numel() == n, name, ": expected ", n, " entries, got ", t->numel());
-  check_same_device(*t, x, name, "x");
-}
-
-// The CSR arrays of an operator with x.size(0) columns, checked (values included: crow must run
-// from 0 to nnz without decreasing; column indices are checked as they are read).
-CsrView csr_view(const at::Tensor& crow, const at::Tensor& col, const OptTensor& values,
-                 const OptTensor& row_scale, const OptTensor& col_scale, const at::Tensor& x) {
-  check_dim(crow, 1, "crow");
-  check_dim(col, 1, "col");
-  TORCH_CHECK(crow.scalar_type() == at::kLong, "crow: expected int64 row pointers, got ",
-              crow.scalar_type());
-  TORCH_CHECK(col.scalar_type() == at::kInt || col.scalar_type() == at::kLong,
-              "col: expected int32 or int64 column indices, got ", col.scalar_type());
-  TORCH_CHECK(crow.numel() >= 1, "crow: expected rows + 1 >= 1 entries, got none");
-  TORCH_CHECK(crow.is_contiguous() && col.is_contiguous(), "crow, col: expected contiguous tensors");
-  check_same_device(crow, x, "crow", "x");
-  check_same_device(col, x, "col", "x");
-  CsrView a;
-  a.rows = crow.numel() - 1;
-  a.cols = x.size(0);
-  a.crow = crow.data_ptr<int64_t>();
-  a.col = col.data_ptr();
-  a.col32 = col.scalar_type() == at::kInt;
-  const int64_t nnz = col.numel();
-  TORCH_CHECK(a.crow[0] == 0 && a.crow[a.rows] == nnz, "crow: expected row pointers from 0 to nnz = ",
-              nnz, ", got ", a.crow[0], " .. ", a.crow[a.rows]);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    TORCH_CHECK(a.crow[r] <= a.crow[r + 1], "crow: row pointers must not decrease, crow[", r,
-                "] = ", a.crow[r], " > crow[", r + 1, "] = ", a.crow[r + 1]);
-  }
-  check_vector(values, nnz, "values", x);
-  check_vector(row_scale, a.rows, "row_scale", x);
-  check_vector(col_scale, a.cols, "col_scale", x);
-  for (const auto* t : {&values, &row_scale, &col_scale}) {
-    TORCH_CHECK(!t->has_value() || (*t)->is_contiguous(), "values, row_scale, col_scale: expected contiguous tensors");
-  }
-  a.val = values ? values->data_ptr<float>() : nullptr;
-  a.row_scale = row_scale ? row_scale->data_ptr<float>() : nullptr;
-  a.col_scale = col_scale ? col_scale->data_ptr<float>() : nullptr;
-  return a;
-}
-
-// Row bounds of at most one part per thread, of equal cost crow[r] + kRowCost * r.
-std::vector<int64_t> row_parts(const CsrView& a, int64_t d) {
-  const int64_t total = a.crow[a.rows] + kRowCost * a.rows;
-  int64_t parts = std::max<int64_t>(1, at::get_num_threads());
-  if (total * std::max<int64_t>(d, 1) < kSerialWork) parts = 1;
-  std::vector<int64_t> bounds(static_cast<size_t>(parts + 1), a.rows);
-  bounds[0] = 0;
-  for (int64_t p = 1; p < parts; ++p) {
-    const int64_t target = total / parts * p;
-    int64_t lo = bounds[p - 1], hi = a.rows;  // first r with cost(r) >= target
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (a.crow[mid] + kRowCost * mid < target) lo = mid + 1; else hi = mid;
-    }
-    bounds[p] = lo;
-  }
-  return bounds;
 }
 
 at::Tensor sparse_spmm(const at::Tensor& crow, const at::Tensor& col, const OptTensor& values,

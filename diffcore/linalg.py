@@ -1,0 +1,614 @@
+"""Randomized SVD and random projections, with the test matrix generated inside the kernel.
+
+:func:`sketch` forms ``A @ Omega`` and :func:`random_projection` a scaled ``A @ Omega``, with Omega
+(n x k) drawn from diffcore's Philox stream by the kernel itself, a tile at a time: Omega is never
+stored, so sketching a matrix with a million columns into 256 columns costs the output, not a
+1 GB test matrix. Omega's element (i, j) is element ``i * k + j`` of the stream ``(seed,
+offset)`` (DESIGN.md "Noise"; ``diffcore.reference.linalg.omega`` materialises it)::
+
+    gaussian     z_(i k + j)                               standard normal
+    rademacher   +1 or -1 from bit 31 of the Philox word   (probability 1/2 each)
+    sparse       Achlioptas: +-sqrt(1 / density) with probability density / 2 each, else 0
+                 (density 1/3 by default: +-sqrt(3) with probability 1/6 each)
+
+:func:`randomized_svd` is Halko–Martinsson–Tropp's subspace iteration::
+
+    Y = A Omega (Omega: n x l, l = k + oversample)           the sketch, in the kernel
+    Q = orth(Y);  n_iter times:  Q = orth(A orth(A^T Q))     power iterations
+    A^T Q = Qb Rb;  Rb = W S X^T;  U = Q X, V = Qb W          the SVD of B = Q^T A via (l x l)
+
+for dense tensors, torch sparse COO/CSR tensors, scipy.sparse matrices and
+:class:`diffcore.sparse.Adjacency` (whose ``A^T Q`` runs over its cached transpose). Sparse
+products run ``diffcore.sparse``'s CSR kernel (torch's CSR matmul for float64 values that are
+not exactly float32); dense products and the factorisations run ``torch.linalg`` (MKL here).
+``orth`` is the ``normalizer``:
+
+- ``"cholqr2"`` (default): CholeskyQR2 (:func:`cholqr2`) for the basis B is made from: two
+  Gram-Cholesky passes, the Gram matrix accumulated in float64: two tall-skinny GEMMs and an
+  (l x l) Cholesky per pass instead of Householder QR's sequence of reflections. A Gram matrix too
+  ill-conditioned for Cholesky is shifted (shifted CholeskyQR3, Fukaya et al. 2020); a numerically
+  rank-deficient one falls back to Householder QR: the basis is always orthonormal, never NaN.
+  The power iterations' iterates need only a well-conditioned basis of their span: one pass,
+  with a float32 Gram matrix when the iterate is well-conditioned enough for its rounding, and
+  none after A^T when one product spreads the iterate's singular values by at most 10x (as on
+  interaction matrices), so that two products in a row stay well-conditioned.
+- ``"qr"``: Householder QR (``torch.linalg.qr``) after every product, as ``torch.svd_lowrank``.
+- ``"lu"``: the power iterations keep ``P L`` of an LU factorisation (scikit-learn's default),
+  the last step is Householder QR.
+- ``"none"``: the power iterations only rescale (so nothing overflows), the last step is
+  Householder QR; the small singular directions drown in rounding after a few iterations
+  (scikit-learn uses it for n_iter <= 2).
+
+Nothing is lost silently: when A's numerical rank is below k (numpy's ``matrix_rank`` rule on the
+singular values found), a :class:`RankDeficiencyWarning` says which triplets are rounding noise;
+U and V stay orthonormal. Results are reproducible for a seed, the same for any thread count
+(the (l x l) factorisations run in numpy, Householder QR on one thread), and follow one sign
+convention: the entry of largest magnitude of each column of U is positive (scikit-learn's
+``svd_flip``), with V's rows flipped to match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffcore import _library  # noqa: F401  (defines the ops)
+from diffcore import _registry
+from diffcore.sparse import Adjacency
+
+__all__ = ["RankDeficiencyWarning", "cholqr2", "randomized_svd", "random_projection", "sketch"]
+
+DTYPES = (torch.float32, torch.float64)
+KINDS = ("gaussian", "rademacher", "sparse")
+NORMALIZERS = ("cholqr2", "qr", "lu", "none")
+ACHLIOPTAS_DENSITY = 1 / 3
+# CholeskyQR trusts a Cholesky factor of the float64 Gram matrix up to this condition number
+# (the Gram's rounding, 1e-16 relative, must stay well below its smallest eigenvalue).
+_CHOL_MAX_COND = 1e7
+# A CholeskyQR pass whose factor is this well-conditioned started from a nearly orthonormal
+# matrix: its result is orthonormal to working precision, and no further pass is needed.
+_NEAR_ORTHONORMAL = 10.0
+_MAX_EXTRA_PASSES = 3
+# A float32 Gram matrix (relative rounding ~1e-5 over tens of thousands of rows) gives a good
+# enough factor for a power iteration's iterate when its factor is this well-conditioned.
+_FLOAT32_GRAM_MAX_COND = 100.0
+# Power iterations skip normalising A^T Q when the iterate after A (A^T Q) is expected to be at
+# most this ill-conditioned: one normalisation per iteration then keeps it well-conditioned.
+_SKIP_HALF_STEP_COND = _FLOAT32_GRAM_MAX_COND
+_INT32_MAX = 2**31 - 1
+
+
+class RankDeficiencyWarning(UserWarning):
+    """A sketch or a matrix had lower numerical rank than the columns asked of it; the result is
+    still orthonormal, and the warning says which directions are arbitrary."""
+
+
+# --- sparse operands ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Csr:
+    """A sparse (m x n) operator in CSR with its transpose's arrays: ``A[r, c] = rs[r] v[e] cs[c]``
+    (column indices sorted within each row, no repeats).
+
+    ``values``: float32 (also for a float64 matrix whose values are exactly float32, e.g. a binary
+    or count matrix) or float64 (otherwise), None for ones. The CSR SpMM kernel takes float32
+    values: with float64 values the products run torch's CSR matmul instead."""
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor | None
+    row_scale: torch.Tensor | None
+    col_scale: torch.Tensor | None
+    t_crow: torch.Tensor
+    t_col: torch.Tensor
+    t_values: torch.Tensor | None
+    shape: tuple[int, int]
+    dtype: torch.dtype  # of the results
+
+    @property
+    def device(self) -> torch.device:
+        return self.crow.device
+
+    def matmul(self, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``A X`` (or ``A^T X``, over the transpose's arrays)."""
+        arrays = (self.crow, self.col, self.values)
+        t_arrays = (self.t_crow, self.t_col, self.t_values)
+        if transpose:
+            arrays, t_arrays = t_arrays, arrays
+        if self.values is None or self.values.dtype == torch.float32:
+            rs, cs = (self.col_scale, self.row_scale) if transpose else (self.row_scale, self.col_scale)
+            return _spmm(*arrays, rs, cs, *t_arrays, X)
+        crow, col, values = arrays
+        shape = self.shape[::-1] if transpose else self.shape
+        return torch.sparse_csr_tensor(crow, col.long(), values, shape, check_invariants=False) @ X
+
+    def sketch(self, k: int, kind: str, density: float, scale: float, seed: int, offset: int) -> torch.Tensor:
+        args = (self.crow, self.col, self.values, self.row_scale, self.col_scale, self.shape[1], k, kind, density,
+                scale, seed, offset, self.dtype)
+        name = _registry.forced()
+        if name is None:
+            return torch.ops.diffcore.linalg_sketch_csr(*args)
+        out = torch.empty((self.shape[0], k), dtype=self.dtype, device=self.device)
+        _forced("linalg_sketch_csr", name, self.device)(*args, out)
+        return out
+
+
+def _spmm(*args) -> torch.Tensor:
+    """``torch.ops.diffcore.sparse_spmm``, or the implementation ``diffcore.use`` forces (when the
+    sparse family has one of that name)."""
+    name = _registry.forced()
+    x = args[-1]
+    if name is None or name not in _registry.implementations("sparse_spmm"):
+        return torch.ops.diffcore.sparse_spmm(*args)
+    out = torch.empty((args[0].numel() - 1, x.shape[1]), dtype=x.dtype, device=x.device)
+    _forced("sparse_spmm", name, x.device)(*args, out)
+    return out
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n <= _INT32_MAX else torch.int64
+
+
+def _real_dtype(name: str, dtype: torch.dtype, hint: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise TypeError(f"{name}: expected float32 or float64 values, got {dtype}{hint}")
+    return dtype
+
+
+def _csr(crow, col, values, t_crow, t_col, t_values, shape, dtype) -> _Csr:
+    """A :class:`_Csr` from CSR arrays of A (column indices sorted within each row, no repeats) and
+    of A^T: values checked, and stored as None for a binary matrix, float32 when exactly float32."""
+    m, n = shape
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise ValueError("A: expected finite values, found NaN or Inf")
+    if bool((values == 1).all()):
+        values = t_values = None  # a binary matrix: the kernels skip the value loads
+    elif torch.equal(values.float().to(values.dtype), values):
+        values, t_values = values.float().contiguous(), t_values.float().contiguous()
+    else:
+        values, t_values = values.contiguous(), t_values.contiguous()
+    return _Csr(crow.long().contiguous(), col.to(_index_dtype(n)).contiguous(), values, None, None,
+                t_crow.long().contiguous(), t_col.to(_index_dtype(m)).contiguous(), t_values, (m, n), dtype)
+
+
+def _from_torch_sparse(A: torch.Tensor) -> _Csr:
+    """COO (coalesced here: repeats summed) or CSR (coalesced when its column indices are not
+    sorted within rows or repeat); the transpose's arrays are A's CSC arrays."""
+    if A.dim() != 2:
+        raise ValueError(f"A: expected a 2-D matrix, got a {A.dim()}-D sparse tensor of shape {tuple(A.shape)}")
+    dtype = _real_dtype("A", A.dtype, "; convert with A.to(torch.float32)")
+    if A.layout == torch.sparse_csr:
+        crow, col = A.crow_indices(), A.col_indices().long()
+        rows = torch.repeat_interleave(torch.arange(A.shape[0], device=crow.device), crow.diff())
+        key = rows * A.shape[1] + col
+        if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
+            A = A.to_sparse_coo()
+    elif A.layout != torch.sparse_coo:
+        raise TypeError(f"A: expected a strided, sparse COO or sparse CSR tensor, got layout {A.layout}")
+    if A.layout == torch.sparse_coo:
+        if A._values().dim() != 1:
+            raise ValueError(f"A: expected scalar values (a 2-D sparse matrix), got values of shape "
+                             f"{tuple(A._values().shape)}")
+        A = A.coalesce().to_sparse_csr()
+    At = A.to_sparse_csc()
+    return _csr(A.crow_indices(), A.col_indices(), A.values(), At.ccol_indices(), At.row_indices(), At.values(),
+                tuple(A.shape), dtype)
+
+
+def _from_scipy(A) -> _Csr:
+    import numpy as np
+    import scipy.sparse as sp
+
+    if A.ndim != 2:
+        raise ValueError(f"A: expected a 2-D matrix, got shape {A.shape}")
+    dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}.get(A.dtype)
+    if dtype is None:
+        raise TypeError(f"A: expected float32 or float64 values, got {A.dtype}; convert with A.astype(np.float32)")
+    csr = sp.csr_matrix(A, copy=True)  # A itself stays untouched
+    csr.sum_duplicates()  # sorts the column indices within rows, sums repeats
+    csc = csr.tocsc()  # the CSR arrays of A^T
+
+    def arrays(M):
+        return torch.from_numpy(M.indptr.astype(np.int64)), torch.from_numpy(M.indices), torch.from_numpy(M.data)
+
+    return _csr(*arrays(csr), *arrays(csc), tuple(A.shape), dtype)
+
+
+def _from_adjacency(adj: Adjacency) -> _Csr:
+    t_crow, t_col, t_values = adj._transpose_csr
+    return _Csr(adj.crow_indices, adj.col_indices, adj.values, adj.row_scale, adj.col_scale, t_crow, t_col,
+                t_values, adj.shape, torch.float32)
+
+
+def _operand(A: object) -> torch.Tensor | _Csr:
+    """A dense 2-D float32/float64 tensor as it is, or a sparse matrix as :class:`_Csr`."""
+    if isinstance(A, Adjacency):
+        return _from_adjacency(A)
+    if isinstance(A, torch.Tensor):
+        if A.layout != torch.strided:
+            return _from_torch_sparse(A)
+        if A.dim() != 2:
+            raise ValueError(f"A: expected a 2-D matrix, got a {A.dim()}-D tensor of shape {tuple(A.shape)}")
+        _real_dtype("A", A.dtype, "; convert with A.to(torch.float32)")
+        return A
+    try:
+        import scipy.sparse as sp
+    except ImportError:  # pragma: no cover - scipy is a test dependency
+        sp = None
+    if sp is not None and sp.issparse(A):
+        return _from_scipy(A)
+    raise TypeError(
+        f"A: expected a torch.Tensor (dense or sparse), a scipy.sparse matrix or a diffcore.sparse.Adjacency, "
+        f"got {type(A).__name__}"
+    )
+
+
+def _forced(op: str, name: str, device: torch.device) -> _registry.Implementation:
+    impl = _registry.get(op, name)
+    reason = impl.reason(device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: implementation {name!r} cannot run here: {reason}")
+    return impl
+
+
+# --- sketches -------------------------------------------------------------------------------------
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def _seed_offset(seed: object, offset: object) -> tuple[int, int]:
+    from diffcore._checks import seed_offset
+
+    if seed is None:
+        raise TypeError("seed: expected an int, got None")
+    return seed_offset(seed, offset)
+
+
+def _apply_sketch(A: torch.Tensor | _Csr, k: int, kind: str, density: float, scale: float, seed: int,
+                  offset: int) -> torch.Tensor:
+    if isinstance(A, _Csr):
+        return A.sketch(k, kind, density, scale, seed, offset)
+    name = _registry.forced()
+    if name is None:
+        return torch.ops.diffcore.linalg_sketch(A, k, kind, density, scale, seed, offset)
+    out = torch.empty((A.shape[0], k), dtype=A.dtype, device=A.device)
+    _forced("linalg_sketch", name, A.device)(A, k, kind, density, scale, seed, offset, out)
+    return out
+
+
+def sketch(A: object, k: int, seed: int = 0, *, offset: int = 0) -> torch.Tensor:
+    """``A @ Omega`` with Omega (n x k) standard normal from the Philox stream ``(seed, offset)``,
+    generated inside the kernel and never stored.
+
+    Args:
+        A: (m, n) float32/float64: a dense tensor (any strides; differentiable), a torch sparse
+            COO/CSR tensor, a scipy.sparse matrix or a :class:`~diffcore.sparse.Adjacency`
+            (its normalised operator).
+        k: columns of the sketch, >= 1.
+        seed, offset: the stream; Omega[i, j] is its element ``i * k + j``.
+    Returns:
+        (m, k) in A's dtype (float32 for an Adjacency). An empty A gives an empty or zero sketch.
+        NaN or Inf in A raise (inside the kernel, so a compiled graph does not break).
+    """
+    return random_projection(A, k, "gaussian", seed, offset=offset, _scaled=False)
+
+
+def random_projection(
+    A: object,
+    k: int,
+    kind: str = "gaussian",
+    seed: int = 0,
+    *,
+    density: float | None = None,
+    offset: int = 0,
+    _scaled: bool = True,
+) -> torch.Tensor:
+    """A Johnson–Lindenstrauss projection of A's rows: ``A @ Omega * c`` with ``c`` chosen so that
+    ``E ||x Omega c||^2 = ||x||^2`` for every row x; Omega generated inside the kernel.
+
+    Args:
+        A: (m, n), as for :func:`sketch`.
+        k: the projected dimension, >= 1.
+        kind: ``"gaussian"`` (N(0, 1) entries, c = 1/sqrt(k)), ``"rademacher"`` (+-1 from bit 31 of
+            the Philox word, c = 1/sqrt(k)) or ``"sparse"`` (Achlioptas: +-1 with probability
+            density / 2 each, else 0; c = 1/sqrt(density k)).
+        density: the fraction of nonzeros of a sparse Omega, in (0, 1] (default 1/3). Its
+            threshold is taken on 24 bits, so the density is ``floor(density 2^24) / 2^24``.
+        seed, offset: the stream; Omega[i, j] comes from its element ``i * k + j``.
+    Returns:
+        (m, k) in A's dtype.
+    """
+    k = _positive_int("k", k)
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if density is None:
+        density = ACHLIOPTAS_DENSITY
+    elif kind != "sparse":
+        raise ValueError(f"density: only kind='sparse' takes a density, got kind={kind!r}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"density: expected a number in (0, 1], got {density!r}")
+    if int(density * 2**24) == 0:
+        raise ValueError(f"density: {density!r} is below 2^-24, the resolution of the sparse draw")
+    seed, offset = _seed_offset(seed, offset)
+    operand = _operand(A)
+    scale = 1.0
+    if _scaled:
+        scale = 1.0 / math.sqrt(k * (density if kind == "sparse" else 1.0))
+    return _apply_sketch(operand, k, kind, float(density), scale, seed, offset)
+
+
+# --- orthonormalisation ---------------------------------------------------------------------------
+# The tall-skinny products (Gram matrices Y^T Y, Y R^-1) run in torch; the small (l x l) float64
+# factorisations run in numpy on the CPU: LAPACK on a matrix this small needs no threads (a
+# parallel region would cost more than the work), and torch's SVD of it changes its last bits
+# with the thread count while numpy's does not. With MKL's GEMMs also independent of the thread
+# count (they do not split their sums), a seed gives the same result for any torch.get_num_threads.
+@contextlib.contextmanager
+def _one_thread():
+    """Runs a tall Householder QR on one thread: LAPACK blocks it by thread count."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _small(X: torch.Tensor) -> np.ndarray:
+    return X.detach().to("cpu", torch.float64).numpy()
+
+
+def _cholesky_factor(G: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """The upper Cholesky factor R (G = R^T R) of a float64 Gram matrix and its condition number,
+    or None when Cholesky fails or R is too ill-conditioned to trust."""
+    try:
+        L = np.linalg.cholesky(G)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.isfinite(L).all():
+        return None
+    sv = np.linalg.svd(L, compute_uv=False)
+    cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
+    return (L.T, cond) if cond <= _CHOL_MAX_COND else None
+
+
+def _gram(Y: torch.Tensor, float64: bool = True) -> np.ndarray:
+    """Y^T Y, accumulated in float64 (or in Y's dtype when not ``float64``)."""
+    Y = Y.double() if float64 else Y
+    return _small(Y.mT @ Y)
+
+
+def _apply_inverse(Y: torch.Tensor, R: np.ndarray) -> torch.Tensor:
+    """``Y R^-1`` (R upper triangular), in Y's dtype."""
+    R_inv = np.linalg.solve(R, np.eye(R.shape[0]))
+    return Y @ torch.from_numpy(R_inv).to(device=Y.device, dtype=Y.dtype)
+
+
+def _householder(Y: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, float]:
+    with _one_thread():
+        Q, R = torch.linalg.qr(Y)
+    R = _small(R)
+    return Q, R, _cond(R)
+
+
+def _cholqr2(Y: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, np.ndarray, float]:
+    """Q (m x n, Y's dtype), R (n x n, float64, upper triangular) with Y = Q R, and cond(Y):
+    CholeskyQR2, shifted CholeskyQR3 or Householder QR, whichever first succeeds.
+
+    Pass 1 factors Y's float64 Gram matrix, shifted by s I when that is too ill-conditioned to
+    trust (s = 11 (m n + n (n + 1)) u ||Y||_F^2, Fukaya et al. 2020); each further pass re-factors
+    the result, until a pass's factor is within _NEAR_ORTHONORMAL of the identity's conditioning:
+    2 passes for a well-conditioned Y (CholeskyQR2), 3 after a shift (CholeskyQR3). When no factor
+    can be trusted, Y is numerically rank-deficient and Householder QR completes its range.
+
+    ``final=False`` asks only for a well-conditioned basis of Y's span (a power iteration's
+    iterate): one pass, from a float32 Gram matrix when Y is float32 and well-conditioned enough
+    (cond <= _FLOAT32_GRAM_MAX_COND) for its rounding not to matter."""
+    if not final and Y.dtype == torch.float32:
+        factor = _cholesky_factor(_gram(Y, float64=False))
+        if factor is not None and factor[1] <= _FLOAT32_GRAM_MAX_COND:
+            return _apply_inverse(Y, factor[0]), factor[0], factor[1]
+    G = _gram(Y)
+    factor = _cholesky_factor(G)
+    shifted = factor is None
+    if shifted:
+        m, n = Y.shape
+        shift = 11 * (m * n + n * (n + 1)) * np.finfo(np.float64).eps * float(np.trace(G))
+        factor = _cholesky_factor(G + shift * np.eye(n)) if shift > 0 else None
+        if factor is None:
+            return _householder(Y)
+    R = factor[0]
+    Q = _apply_inverse(Y, R)
+    if not final and not shifted:
+        return Q, R, factor[1]
+    for _ in range(_MAX_EXTRA_PASSES):
+        factor = _cholesky_factor(_gram(Q))
+        if factor is None:  # the damped directions of a rank-deficient Y: nothing to complete them
+            return _householder(Y)
+        Q = _apply_inverse(Q, factor[0])
+        R = factor[0] @ R
+        if factor[1] <= _NEAR_ORTHONORMAL:
+            return Q, R, _cond(R)
+    return _householder(Y)
+
+
+def _cond(R: np.ndarray) -> float:
+    sv = np.linalg.svd(R, compute_uv=False)
+    return float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
+
+
+def _numerical_rank(sv: np.ndarray, shape: tuple[int, int], dtype: torch.dtype) -> tuple[int, float]:
+    """numpy's ``matrix_rank`` rule: singular values above ``max(sv) max(m, n) eps(dtype)``."""
+    tol = float(sv.max()) * max(shape) * torch.finfo(dtype).eps if sv.size else 0.0
+    return int((sv > tol).sum()), tol
+
+
+def cholqr2(Y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis Q (m x n, Y's dtype) of the columns of the tall matrix Y (m x n,
+    m >= n, float32/float64) by CholeskyQR2: ``R = chol(Y^T Y)``, ``Q = Y R^-1``, twice, the Gram
+    matrix accumulated in float64 (so float32 Y up to cond 1e7 needs no shift).
+
+    More ill-conditioned Y gets a shifted first pass and a third pass (shifted CholeskyQR3); Y that
+    no Cholesky factor can handle falls back to Householder QR. The columns of Q are orthonormal to
+    working precision and span Y's columns; never NaN for finite Y. When Y's numerical rank r is
+    below n (numpy's ``matrix_rank`` rule), Q's other n - r columns complete its range arbitrarily,
+    and a :class:`RankDeficiencyWarning` says so.
+    """
+    if not isinstance(Y, torch.Tensor) or Y.layout != torch.strided:
+        raise TypeError(f"Y: expected a dense torch.Tensor, got {type(Y).__name__}")
+    if Y.dim() != 2 or Y.shape[0] < Y.shape[1]:
+        raise ValueError(f"Y: expected a tall 2-D matrix (m >= n), got shape {tuple(Y.shape)}")
+    _real_dtype("Y", Y.dtype, "")
+    if not bool(torch.isfinite(Y).all()):
+        raise ValueError("Y: expected finite values, found NaN or Inf")
+    Q, R, _ = _cholqr2(Y)
+    rank, tol = _numerical_rank(np.linalg.svd(R, compute_uv=False), tuple(Y.shape), Y.dtype)
+    if rank < Y.shape[1]:
+        warnings.warn(
+            f"cholqr2: Y ({Y.shape[0]} x {Y.shape[1]}) is numerically rank-deficient (rank {rank}: singular values "
+            f"above {tol:.3g}); the last {Y.shape[1] - rank} directions of Q are an arbitrary orthonormal "
+            "completion of its range",
+            RankDeficiencyWarning, stacklevel=2,
+        )
+    return Q
+
+
+def _lu_basis(Y: torch.Tensor) -> torch.Tensor:
+    """``P L`` of ``Y = P L U`` (scikit-learn's ``lu(..., permute_l=True)``), without P (m x m)."""
+    LU, pivots = torch.linalg.lu_factor(Y)
+    L = torch.tril(LU, -1) + torch.eye(*LU.shape, dtype=LU.dtype, device=LU.device)
+    perm = list(range(Y.shape[0]))
+    for i, p in enumerate(pivots.tolist()):  # LAPACK: row i was swapped with row p - 1, in order
+        perm[i], perm[p - 1] = perm[p - 1], perm[i]
+    out = torch.empty_like(L)
+    out[torch.tensor(perm, device=Y.device)] = L
+    return out
+
+
+def _normalize(Y: torch.Tensor, normalizer: str, final: bool) -> tuple[torch.Tensor, float]:
+    """The next iterate from Y (orthonormal when ``final``: the basis B is made from) and, for
+    cholqr2, Y's condition number (the normalizers that do not measure it give inf)."""
+    if normalizer == "cholqr2":
+        Q, _, cond = _cholqr2(Y, final)
+        return Q, cond
+    if normalizer == "qr" or final:
+        return _householder(Y)[0], math.inf
+    if normalizer == "lu":
+        return _lu_basis(Y), math.inf
+    top = float(Y.abs().max())  # "none": a power-of-two rescaling (exact), so nothing overflows
+    return (Y * 2.0 ** -math.frexp(top)[1] if top > 0 else Y), math.inf
+
+
+# --- randomized SVD -------------------------------------------------------------------------------
+def _n_iter(n_iter: object, k: int, m: int, n: int) -> int:
+    if n_iter == "auto":  # scikit-learn's rule (7 was found a good compromise for PCA)
+        return 7 if k < 0.1 * min(m, n) else 4
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter: expected 'auto' or a non-negative int, got {n_iter!r}")
+    return n_iter
+
+
+def _matmul(A: torch.Tensor | _Csr, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    if isinstance(A, _Csr):
+        return A.matmul(X, transpose)
+    return (A.mT if transpose else A) @ X
+
+
+def _check_finite(A: torch.Tensor | _Csr) -> None:
+    if isinstance(A, _Csr):
+        return  # checked when the CSR arrays were built (an Adjacency checks its own values)
+    if A.numel() and not bool(torch.isfinite(A).all()):
+        raise ValueError("A: expected finite values, found NaN or Inf")
+
+
+def randomized_svd(
+    A: object,
+    k: int,
+    *,
+    oversample: int = 10,
+    n_iter: int | str = "auto",
+    normalizer: str = "cholqr2",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k leading singular triplets of A by randomized subspace iteration (Halko, Martinsson
+    and Tropp 2011), sketched with a Gaussian Omega generated inside the kernel.
+
+    Args:
+        A: (m, n) float32/float64: a dense tensor (any strides), a torch sparse COO/CSR tensor, a
+            scipy.sparse matrix or a :class:`~diffcore.sparse.Adjacency` (its normalised operator,
+            in float32).
+        k: singular triplets wanted, 1 <= k <= min(m, n).
+        oversample: extra sketch columns p >= 0; the sketch has l = min(k + p, min(m, n)) columns.
+        n_iter: power iterations q >= 0; ``"auto"`` is scikit-learn's rule, 7 when
+            k < 0.1 min(m, n) else 4.
+        normalizer: how the iterates are orthonormalised: ``"cholqr2"``, ``"qr"``, ``"lu"`` or
+            ``"none"`` (module docstring).
+        seed: the Philox stream of Omega (offset 0); the same seed gives the same result.
+    Returns:
+        ``U (m, k), S (k,), Vh (k, n)`` like ``torch.linalg.svd`` (S descending), in A's dtype,
+        with U's columns and Vh's rows orthonormal and the largest-magnitude entry of each column
+        of U positive. A :class:`RankDeficiencyWarning` says when A's numerical rank is below k
+        (``S <= S[0] max(m, n) eps``: those triplets are rounding noise) or when an
+        orthonormalisation fell back to Householder QR.
+    """
+    operand = _operand(A)
+    m, n = operand.shape
+    dtype = operand.dtype
+    if m == 0 or n == 0:
+        raise ValueError(f"A: expected a non-empty matrix, got shape {(m, n)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
+        raise ValueError(f"k: expected an int in [1, min(m, n)] = [1, {min(m, n)}] for A of shape {(m, n)}, got {k!r}")
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"oversample: expected a non-negative int, got {oversample!r}")
+    if not isinstance(normalizer, str) or normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer: expected one of {NORMALIZERS}, got {normalizer!r}")
+    q = _n_iter(n_iter, k, m, n)
+    seed, _ = _seed_offset(seed, 0)
+    _check_finite(operand)
+    l = min(k + oversample, min(m, n))
+
+    Q, spread = _normalize(_apply_sketch(operand, l, "gaussian", ACHLIOPTAS_DENSITY, 1.0, seed, 0), normalizer,
+                           q == 0)
+    for i in range(q):
+        # `spread`: how far one product with A or A^T spreads the iterate's singular values (the
+        # last normalisation's condition number, per product). When two products in a row stay
+        # within what one normalisation handles, A^T Q is not normalised (cholqr2 only).
+        Z = _matmul(operand, Q, transpose=True)
+        skip = spread * spread <= _SKIP_HALF_STEP_COND
+        if not skip:
+            Z, spread = _normalize(Z, normalizer, False)
+        Q, cond = _normalize(_matmul(operand, Z), normalizer, i == q - 1)
+        spread = math.sqrt(cond) if skip else cond
+    # B = Q^T A (l x n): factor B^T = A^T Q = Qb Rb (n x l), then the SVD of the small Rb:
+    # Rb = W S X^T gives B = X S (Qb W)^T, so U = Q X and V = Qb W.
+    Qb, Rb, _ = _cholqr2(_matmul(operand, Q, transpose=True))
+    W, S, Xh = (torch.from_numpy(x).to(device=Q.device, dtype=dtype) for x in np.linalg.svd(Rb))
+    U = (Q @ Xh.mT)[:, :k]
+    Vh = (Qb @ W[:, :k]).mT
+    S = S[:k]
+    rows = U.abs().argmax(0)
+    signs = torch.sign(U[rows, torch.arange(k, device=U.device)])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    U, Vh = U * signs, Vh * signs[:, None]
+    _warn_rank(S, m, n, dtype, k)
+    return U, S, Vh
+
+
+def _warn_rank(S: torch.Tensor, m: int, n: int, dtype: torch.dtype, k: int) -> None:
+    rank, tol = _numerical_rank(_small(S), (m, n), dtype)
+    if rank < k:
+        warnings.warn(
+            f"randomized_svd: A has numerical rank {rank} < k = {k} in {str(dtype).removeprefix('torch.')} (singular "
+            f"values above S[0] max(m, n) eps = {tol:.3g}): the last {k - rank} triplets are rounding noise, their "
+            "singular vectors an arbitrary orthonormal completion",
+            RankDeficiencyWarning, stacklevel=3,
+        )

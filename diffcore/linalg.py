@@ -15,7 +15,7 @@ offset)`` (DESIGN.md "Noise"; ``diffcore.reference.linalg.omega`` materialises i
 
     Y = A Omega (Omega: n x l, l = k + oversample)           the sketch, in the kernel
     Q = orth(Y);  n_iter times:  Q = orth(A orth(A^T Q))     power iterations
-    A^T Q = Qb Rb;  Rb = W S X^T;  U = Q X, V = Qb W          the SVD of B = Q^T A via (l x l)
+    B = Q^T A;  B = X S W^T;  U = Q X, V = W                  the small SVD, via (l x l) factors
 
 for dense tensors, torch sparse COO/CSR tensors, scipy.sparse matrices and
 :class:`diffcore.sparse.Adjacency` (whose ``A^T Q`` runs over its cached transpose). Sparse
@@ -30,8 +30,9 @@ not exactly float32); dense products and the factorisations run ``torch.linalg``
   rank-deficient one falls back to Householder QR: the basis is always orthonormal, never NaN.
   The power iterations' iterates need only a well-conditioned basis of their span: one pass,
   with a float32 Gram matrix when the iterate is well-conditioned enough for its rounding, and
-  none after A^T when one product spreads the iterate's singular values by at most 10x (as on
-  interaction matrices), so that two products in a row stay well-conditioned.
+  only once the products since the last one would spread its singular values by more than 100x
+  (every third product on interaction matrices, whose spectra are flat; every product on fast
+  decaying ones).
 - ``"qr"``: Householder QR (``torch.linalg.qr``) after every product, as ``torch.svd_lowrank``.
 - ``"lu"``: the power iterations keep ``P L`` of an LU factorisation (scikit-learn's default),
   the last step is Householder QR.
@@ -77,9 +78,12 @@ _MAX_EXTRA_PASSES = 3
 # A float32 Gram matrix (relative rounding ~1e-5 over tens of thousands of rows) gives a good
 # enough factor for a power iteration's iterate when its factor is this well-conditioned.
 _FLOAT32_GRAM_MAX_COND = 100.0
-# Power iterations skip normalising A^T Q when the iterate after A (A^T Q) is expected to be at
-# most this ill-conditioned: one normalisation per iteration then keeps it well-conditioned.
-_SKIP_HALF_STEP_COND = _FLOAT32_GRAM_MAX_COND
+# Power iterations normalise an iterate only when the next product would make it more
+# ill-conditioned than this (one float32-Gram pass must still handle it).
+_SKIP_COND = _FLOAT32_GRAM_MAX_COND
+# The SVD of B = Q^T A comes from B B^T's eigenvectors when its top k singular values span at
+# most this factor (V = B^T X S^-1 then loses at most this many ulps), else from CholeskyQR2.
+_GRAM_SVD_MAX_COND = 10.0
 _INT32_MAX = 2**31 - 1
 
 
@@ -367,9 +371,9 @@ def _small(X: torch.Tensor) -> np.ndarray:
     return X.detach().to("cpu", torch.float64).numpy()
 
 
-def _cholesky_factor(G: np.ndarray) -> tuple[np.ndarray, float] | None:
-    """The upper Cholesky factor R (G = R^T R) of a float64 Gram matrix and its condition number,
-    or None when Cholesky fails or R is too ill-conditioned to trust."""
+def _cholesky_factor(G: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+    """The upper Cholesky factor R (G = R^T R) of a float64 Gram matrix, its condition number and
+    its norm (Y's, for G = Y^T Y), or None when Cholesky fails or R is too ill-conditioned to trust."""
     try:
         L = np.linalg.cholesky(G)
     except np.linalg.LinAlgError:
@@ -378,7 +382,7 @@ def _cholesky_factor(G: np.ndarray) -> tuple[np.ndarray, float] | None:
         return None
     sv = np.linalg.svd(L, compute_uv=False)
     cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
-    return (L.T, cond) if cond <= _CHOL_MAX_COND else None
+    return (L.T, cond, float(sv[0])) if cond <= _CHOL_MAX_COND else None
 
 
 def _gram(Y: torch.Tensor, float64: bool = True) -> np.ndarray:
@@ -393,15 +397,15 @@ def _apply_inverse(Y: torch.Tensor, R: np.ndarray) -> torch.Tensor:
     return Y @ torch.from_numpy(R_inv).to(device=Y.device, dtype=Y.dtype)
 
 
-def _householder(Y: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, float]:
+def _householder(Y: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, float, float]:
     with _one_thread():
         Q, R = torch.linalg.qr(Y)
     R = _small(R)
-    return Q, R, _cond(R)
+    return (Q, R, *_cond_norm(R))
 
 
-def _cholqr2(Y: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, np.ndarray, float]:
-    """Q (m x n, Y's dtype), R (n x n, float64, upper triangular) with Y = Q R, and cond(Y):
+def _cholqr2(Y: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, np.ndarray, float, float]:
+    """Q (m x n, Y's dtype), R (n x n, float64, upper triangular) with Y = Q R, cond(Y), ||Y||_2:
     CholeskyQR2, shifted CholeskyQR3 or Householder QR, whichever first succeeds.
 
     Pass 1 factors Y's float64 Gram matrix, shifted by s I when that is too ill-conditioned to
@@ -416,7 +420,7 @@ def _cholqr2(Y: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, np.ndar
     if not final and Y.dtype == torch.float32:
         factor = _cholesky_factor(_gram(Y, float64=False))
         if factor is not None and factor[1] <= _FLOAT32_GRAM_MAX_COND:
-            return _apply_inverse(Y, factor[0]), factor[0], factor[1]
+            return _apply_inverse(Y, factor[0]), *factor
     G = _gram(Y)
     factor = _cholesky_factor(G)
     shifted = factor is None
@@ -429,7 +433,7 @@ def _cholqr2(Y: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, np.ndar
     R = factor[0]
     Q = _apply_inverse(Y, R)
     if not final and not shifted:
-        return Q, R, factor[1]
+        return Q, *factor
     for _ in range(_MAX_EXTRA_PASSES):
         factor = _cholesky_factor(_gram(Q))
         if factor is None:  # the damped directions of a rank-deficient Y: nothing to complete them
@@ -437,13 +441,13 @@ def _cholqr2(Y: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, np.ndar
         Q = _apply_inverse(Q, factor[0])
         R = factor[0] @ R
         if factor[1] <= _NEAR_ORTHONORMAL:
-            return Q, R, _cond(R)
+            return Q, R, *_cond_norm(R)
     return _householder(Y)
 
 
-def _cond(R: np.ndarray) -> float:
+def _cond_norm(R: np.ndarray) -> tuple[float, float]:
     sv = np.linalg.svd(R, compute_uv=False)
-    return float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
+    return (float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf), float(sv[0])
 
 
 def _numerical_rank(sv: np.ndarray, shape: tuple[int, int], dtype: torch.dtype) -> tuple[int, float]:
@@ -470,7 +474,7 @@ def cholqr2(Y: torch.Tensor) -> torch.Tensor:
     _real_dtype("Y", Y.dtype, "")
     if not bool(torch.isfinite(Y).all()):
         raise ValueError("Y: expected finite values, found NaN or Inf")
-    Q, R, _ = _cholqr2(Y)
+    Q, R, _, _ = _cholqr2(Y)
     rank, tol = _numerical_rank(np.linalg.svd(R, compute_uv=False), tuple(Y.shape), Y.dtype)
     if rank < Y.shape[1]:
         warnings.warn(
@@ -494,18 +498,38 @@ def _lu_basis(Y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _normalize(Y: torch.Tensor, normalizer: str, final: bool) -> tuple[torch.Tensor, float]:
+def _normalize(Y: torch.Tensor, normalizer: str, final: bool) -> tuple[torch.Tensor, float, float]:
     """The next iterate from Y (orthonormal when ``final``: the basis B is made from) and, for
-    cholqr2, Y's condition number (the normalizers that do not measure it give inf)."""
+    cholqr2, Y's condition number and norm (the normalizers that do not measure them give inf)."""
     if normalizer == "cholqr2":
-        Q, _, cond = _cholqr2(Y, final)
-        return Q, cond
+        Q, _, cond, norm = _cholqr2(Y, final)
+        return Q, cond, norm
     if normalizer == "qr" or final:
-        return _householder(Y)[0], math.inf
+        return _householder(Y)[0], math.inf, math.inf
     if normalizer == "lu":
-        return _lu_basis(Y), math.inf
+        return _lu_basis(Y), math.inf, math.inf
     top = float(Y.abs().max())  # "none": a power-of-two rescaling (exact), so nothing overflows
-    return (Y * 2.0 ** -math.frexp(top)[1] if top > 0 else Y), math.inf
+    return (Y * 2.0 ** -math.frexp(top)[1] if top > 0 else Y), math.inf, math.inf
+
+
+def _small_svd(operand: torch.Tensor | _Csr, Q: torch.Tensor, k: int, dtype: torch.dtype):
+    """U (m x k), S (k,), V (n x k) of B = Q^T A (Q orthonormal) from B^T = A^T Q (n x l).
+
+    When the top k singular values span at most _GRAM_SVD_MAX_COND, from the eigenvectors X of
+    the float64 Gram matrix B B^T = X S^2 X^T: U = Q X, V = B^T X S^-1 (V's rounding grows with
+    S_0 / S_k, so only then). Otherwise B^T = Qb Rb by CholeskyQR2 and Rb = W S X^T: U = Q X,
+    V = Qb W."""
+    Bt = _matmul(operand, Q, transpose=True)
+    evals, X = np.linalg.eigh(_gram(Bt))
+    evals, X = np.maximum(evals[::-1], 0.0), X[:, ::-1]
+    S = np.sqrt(evals)
+    if S[k - 1] > 0 and S[0] <= _GRAM_SVD_MAX_COND * S[k - 1]:
+        Xk = torch.from_numpy(np.ascontiguousarray(X[:, :k])).to(device=Q.device, dtype=dtype)
+        S_k = torch.from_numpy(S[:k].copy()).to(device=Q.device, dtype=dtype)
+        return Q @ Xk, S_k, (Bt @ Xk) / S_k
+    Qb, Rb, _, _ = _cholqr2(Bt)
+    W, S, Xh = (torch.from_numpy(x).to(device=Q.device, dtype=dtype) for x in np.linalg.svd(Rb))
+    return (Q @ Xh.mT)[:, :k], S[:k], Qb @ W[:, :k]
 
 
 # --- randomized SVD -------------------------------------------------------------------------------
@@ -576,25 +600,23 @@ def randomized_svd(
     _check_finite(operand)
     l = min(k + oversample, min(m, n))
 
-    Q, spread = _normalize(_apply_sketch(operand, l, "gaussian", ACHLIOPTAS_DENSITY, 1.0, seed, 0), normalizer,
-                           q == 0)
-    for i in range(q):
-        # `spread`: how far one product with A or A^T spreads the iterate's singular values (the
-        # last normalisation's condition number, per product). When two products in a row stay
-        # within what one normalisation handles, A^T Q is not normalised (cholqr2 only).
-        Z = _matmul(operand, Q, transpose=True)
-        skip = spread * spread <= _SKIP_HALF_STEP_COND
-        if not skip:
-            Z, spread = _normalize(Z, normalizer, False)
-        Q, cond = _normalize(_matmul(operand, Z), normalizer, i == q - 1)
-        spread = math.sqrt(cond) if skip else cond
-    # B = Q^T A (l x n): factor B^T = A^T Q = Qb Rb (n x l), then the SVD of the small Rb:
-    # Rb = W S X^T gives B = X S (Qb W)^T, so U = Q X and V = Qb W.
-    Qb, Rb, _ = _cholqr2(_matmul(operand, Q, transpose=True))
-    W, S, Xh = (torch.from_numpy(x).to(device=Q.device, dtype=dtype) for x in np.linalg.svd(Rb))
-    U = (Q @ Xh.mT)[:, :k]
-    Vh = (Qb @ W[:, :k]).mT
-    S = S[:k]
+    # Y's condition number grows by about `spread` per product with A or A^T, its norm by about
+    # `growth` (both measured at the last normalisation); with cholqr2, an iterate is normalised
+    # only when the next product would take it past what one float32-Gram pass handles
+    # (_SKIP_COND) or towards overflow, and always after the last product.
+    Y, cond, norm = _normalize(_apply_sketch(operand, l, "gaussian", ACHLIOPTAS_DENSITY, 1.0, seed, 0), normalizer,
+                               q == 0)
+    spread, growth, since = cond, norm, 0
+    overflow = torch.finfo(dtype).max ** 0.25
+    for j in range(2 * q):
+        Y = _matmul(operand, Y, transpose=j % 2 == 0)
+        since += 1
+        last = j == 2 * q - 1
+        if last or spread ** (since + 1) > _SKIP_COND or growth ** (since + 1) > overflow:
+            Y, cond, norm = _normalize(Y, normalizer, last)
+            spread, growth, since = cond ** (1 / since), norm ** (1 / since), 0
+    U, S, V = _small_svd(operand, Y, k, dtype)
+    Vh = V.mT
     rows = U.abs().argmax(0)
     signs = torch.sign(U[rows, torch.arange(k, device=U.device)])
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)

@@ -32,6 +32,16 @@ KINDS = ("gaussian", "rademacher", "sparse")
 DTYPES = (torch.float32, torch.float64)
 
 
+@pytest.fixture
+def one_thread():
+    """The accuracy tests' matrices are small: one thread runs them fastest, and a shared machine's
+    busy cores cannot stall their many small parallel regions (results do not depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def scale_of(k, kind, density=None):
     return 1.0 / np.sqrt(k * ((density or 1 / 3) if kind == "sparse" else 1.0))
 
@@ -192,16 +202,20 @@ def test_dense_sketch_matches_reference(name, dtype):
     if not triton:
         draws.append(("sparse", None, 2**63 + 1, 11))
     g = torch.Generator().manual_seed(1)
-    for (shape, k), layout in [(s, lay) for s in shapes for lay in layouts]:
-        A = strided_rows(torch.randn(shape, generator=g, dtype=dtype), layout)
-        for kind, density, seed, offset in draws:
+    for shape, k in shapes:
+        A = torch.randn(shape, generator=g, dtype=dtype)
+        expected = [ref.sketch(A, k, kind, density or 1 / 3, scale_of(k, kind, density), seed, offset)
+                    for kind, density, seed, offset in draws]
+        plain = A @ ref.omega(shape[1], k, seed=7, dtype=dtype)
+        for layout in layouts:
+            A_laid = strided_rows(A, layout)
+            for (kind, density, seed, offset), want in zip(draws, expected):
+                with diffcore.use(name):
+                    out = linalg.random_projection(A_laid, k, kind, seed, density=density, offset=offset)
+                assert_sketch_close(out, want, dtype, kind)
             with diffcore.use(name):
-                out = linalg.random_projection(A, k, kind, seed, density=density, offset=offset)
-            expected = ref.sketch(A, k, kind, density or 1 / 3, scale_of(k, kind, density), seed, offset)
-            assert_sketch_close(out, expected, dtype, kind)
-        with diffcore.use(name):
-            out = linalg.sketch(A, k, seed=7)
-        assert_sketch_close(out, A @ ref.omega(shape[1], k, seed=7, dtype=dtype), dtype, "gaussian")
+                out = linalg.sketch(A_laid, k, seed=7)
+            assert_sketch_close(out, plain, dtype, "gaussian")
 
 
 def csr_matrices(dtype):
@@ -366,7 +380,7 @@ def median_errors(A_dense, truth, runs):
 
 @pytest.mark.parametrize("spectrum", SPECTRA)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_accuracy_synthetic_vs_sklearn(spectrum, dtype):
+def test_accuracy_synthetic_vs_sklearn(spectrum, dtype, one_thread):
     """Top-k singular values (mean |S_i - sigma_i| / sigma_0) and the residual ||A - U S Vh||_F
     against the full SVD, median over 5 seeds: no worse than scikit-learn's algorithm at the same
     k, oversampling, iterations and normalizer (its default "auto" for cholqr2): within 1.5x its
@@ -401,7 +415,7 @@ def test_accuracy_synthetic_vs_sklearn(spectrum, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_accuracy_interaction_matrix_vs_svds_and_sklearn(dtype):
+def test_accuracy_interaction_matrix_vs_svds_and_sklearn(dtype, one_thread):
     """A Gowalla-shaped binary interaction matrix (power-law degrees, 600 users x 900 items, 9,000
     interactions), k = 16, defaults (10 oversamples, 7 iterations): singular values against
     scipy's svds (ARPACK) to 1e-2 of the largest (a flat spectrum: the trailing values converge
@@ -425,7 +439,7 @@ def test_accuracy_interaction_matrix_vs_svds_and_sklearn(dtype):
         torch.testing.assert_close(S, results["scipy"][1], rtol=1e-4, atol=0)
 
 
-def test_adjacency_matches_its_dense_operator():
+def test_adjacency_matches_its_dense_operator(one_thread):
     R = interactions(80, 120, 900, seed=2)
     adj = Adjacency.from_interactions(*map(torch.tensor, R.nonzero()), 80, 120)
     dense = adj.to_sparse_coo().to_dense()
@@ -440,7 +454,7 @@ def test_adjacency_matches_its_dense_operator():
 
 # --- randomized SVD: properties ------------------------------------------------------------------
 @pytest.mark.parametrize("normalizer", linalg.NORMALIZERS)
-def test_orthonormal_float32(normalizer):
+def test_orthonormal_float32(normalizer, one_thread):
     """U's columns and Vh's rows are orthonormal to 1e-5 in float32, dense and sparse."""
     A = synthetic(500, 300, 0.9 ** np.arange(150), seed=2, dtype=torch.float32)
     for operand in (A, sp.csr_matrix(interactions(500, 300, 4000, seed=3))):
@@ -490,7 +504,7 @@ def test_every_implementation_agrees(name):
 
 # --- CholeskyQR2 and its fallbacks ---------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cholqr2_ill_conditioned(dtype):
+def test_cholqr2_ill_conditioned(dtype, one_thread):
     """Full-rank Y with cond(Y) 1e4 (float32: the float64 Gram needs no shift) or 1e12 (float64:
     shifted CholeskyQR3): orthonormal Q spanning Y, no warning."""
     g = torch.Generator().manual_seed(0)
@@ -506,7 +520,7 @@ def test_cholqr2_ill_conditioned(dtype):
     assert (Y - Q @ (Q.T @ Y)).abs().max() < 100 * eps * float(Y.abs().max())
 
 
-def test_cholqr2_rank_deficient_says_so():
+def test_cholqr2_rank_deficient_says_so(one_thread):
     """A rank-deficient Y (rank 5 of 12) and a zero one: a RankDeficiencyWarning naming the rank,
     orthonormal Q spanning Y, never a NaN."""
     g = torch.Generator().manual_seed(1)
@@ -520,7 +534,7 @@ def test_cholqr2_rank_deficient_says_so():
         assert (matrix - Q @ (Q.T @ matrix)).abs().max() < 1e-5 * max(1.0, float(matrix.abs().max()))
 
 
-def test_rank_deficient_matrix_says_so():
+def test_rank_deficient_matrix_says_so(one_thread):
     """A of rank 8 < k = 12: a warning naming the rank, trailing singular values at rounding level,
     U and V still orthonormal; the zero matrix gives zeros, not NaN."""
     A = synthetic(100, 80, np.r_[np.linspace(5, 1, 8)], seed=3, dtype=torch.float32)

@@ -25,6 +25,7 @@ depend on the thread count).
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable
 
@@ -71,7 +72,7 @@ def _full_like(t: Value, value: float) -> Value:
     return value if isinstance(t, float) else torch.full_like(t, value)
 
 
-class SDE:
+class SDE(abc.ABC):
     """A forward SDE ``dx = f(t) x dt + g(t) dw`` on ``t`` in ``[0, T]`` (``T = 1``), discretised into
     ``N`` steps. Subclasses: :class:`VESDE`, :class:`VPSDE`, :class:`subVPSDE`.
 
@@ -91,17 +92,17 @@ class SDE:
         self._lists: dict[str, list[float]] = {}
 
     # --- the continuous SDE ---------------------------------------------------------------------
+    @abc.abstractmethod
     def drift_coeff(self, t: Time) -> Value:
         """``f(t)`` of the drift ``f(x, t) = f(t) x``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def diffusion(self, t: Time) -> Value:
         """``g(t)``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def marginal(self, t: Time) -> tuple[Value, Value]:
         """``(mean_coeff, std)`` of ``p_t(x | x0) = N(mean_coeff x0, std^2 I)``."""
-        raise NotImplementedError
 
     def sde(self, x: torch.Tensor, t: Time) -> tuple[torch.Tensor, Value]:
         """score_sde's ``sde(x, t)``: the drift ``f(t) x`` (x's shape) and ``g(t)``; x: (B, N)."""

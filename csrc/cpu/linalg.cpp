@@ -99,26 +99,9 @@ inline void philox_word_groups(uint32_t* out, uint64_t seed, uint64_t offset, ui
 }
 
 // Writes the words of logical elements first .. first + n - 1 to out: element i is word
-// w_(i % 4) of counter offset + i / 4, the words the normal stream is made of. Batches of
-// 4 * kLanes elements, as philox_normals.
+// w_(i % 4) of counter offset + i / 4, the words the normal stream is made of.
 inline void philox_word_stream(uint32_t* out, uint64_t seed, uint64_t offset, uint64_t first, int64_t n) {
-  constexpr int64_t kBatch = 4 * kLanes;
-  alignas(64) uint32_t tmp[kBatch];
-  uint64_t i = first;
-  const uint64_t end = first + static_cast<uint64_t>(n);
-  while (i < end) {
-    const uint64_t g = i / 4;
-    const int64_t skip = static_cast<int64_t>(i - 4 * g);
-    const int64_t take = std::min<int64_t>(kBatch - skip, static_cast<int64_t>(end - i));
-    if (skip == 0 && take == kBatch) {
-      philox_word_groups(out, seed, offset, g);
-    } else {
-      philox_word_groups(tmp, seed, offset, g);
-      for (int64_t k = 0; k < take; ++k) out[k] = tmp[skip + k];
-    }
-    out += take;
-    i += static_cast<uint64_t>(take);
-  }
+  philox_stream(out, seed, offset, first, n, philox_word_groups);
 }
 
 // Elements generated per step (a stack buffer of this many words).

@@ -184,26 +184,32 @@ inline void philox_normal_groups(float* out, uint64_t seed, uint64_t offset, uin
 }
 #endif
 
-// Writes the normals of logical elements first .. first + n - 1 of stream (seed, offset) to out.
-inline void philox_normals(float* out, uint64_t seed, uint64_t offset, uint64_t first, int64_t n) {
+// Writes elements first .. first + n - 1 of a stream made in groups of 4 per counter:
+// groups(buf, seed, offset, g0) writes the 4 * kLanes elements of the groups g0 .. g0 + kLanes - 1.
+template <typename T, typename Groups>
+inline void philox_stream(T* out, uint64_t seed, uint64_t offset, uint64_t first, int64_t n, Groups groups) {
   constexpr int64_t kBatch = 4 * kLanes;
-  alignas(64) float tmp[kBatch];
+  alignas(64) T tmp[kBatch];
   uint64_t i = first;
   const uint64_t end = first + static_cast<uint64_t>(n);
   while (i < end) {
     const uint64_t g = i / 4;
-    const uint64_t batch_first = 4 * g;
-    const int64_t skip = static_cast<int64_t>(i - batch_first);
+    const int64_t skip = static_cast<int64_t>(i - 4 * g);
     const int64_t take = std::min<int64_t>(kBatch - skip, static_cast<int64_t>(end - i));
     if (skip == 0 && take == kBatch) {
-      philox_normal_groups(out, seed, offset, g);
+      groups(out, seed, offset, g);
     } else {
-      philox_normal_groups(tmp, seed, offset, g);
+      groups(tmp, seed, offset, g);
       for (int64_t k = 0; k < take; ++k) out[k] = tmp[skip + k];
     }
     out += take;
     i += static_cast<uint64_t>(take);
   }
+}
+
+// Writes the normals of logical elements first .. first + n - 1 of stream (seed, offset) to out.
+inline void philox_normals(float* out, uint64_t seed, uint64_t offset, uint64_t first, int64_t n) {
+  philox_stream(out, seed, offset, first, n, philox_normal_groups);
 }
 
 }  // namespace CPU_CAPABILITY

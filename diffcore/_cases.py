@@ -79,11 +79,18 @@ def _errors(got: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, float, 
         return Verdict(False, math.inf, math.inf, f"shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
     if got.numel() == 0:
         return Verdict(True, 0.0, 0.0)
-    err = (got.detach().cpu().double() - ref.double()).abs()
+    g, r = got.detach().cpu().double(), ref.double()
+    err = torch.where(g == r, 0.0, (g - r).abs())  # equal infinities are exact
     abs_err = float(err.max()) if not err.isnan().any() else math.nan
-    ref_max = float(ref.double().abs().max())
+    ref_max = _finite_max(r)
     rel_err = abs_err / ref_max if ref_max > 0 else (0.0 if abs_err == 0 else math.inf)
     return err, abs_err, rel_err
+
+
+def _finite_max(ref: torch.Tensor) -> float:
+    """``max |ref|`` over its finite entries (0 when none)."""
+    finite = ref.abs()[ref.isfinite()]
+    return float(finite.max()) if finite.numel() else 0.0
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,8 @@ class Close:
             return res
         err, abs_err, rel_err = res
         ref64 = ref.double()
-        scale = max(1.0, float(ref64.abs().max())) if self.scaled else 1.0
-        bad = ~(err <= self.atol * scale + self.rtol * ref64.abs())  # nan counts as bad
+        scale = max(1.0, _finite_max(ref64)) if self.scaled else 1.0
+        bad = ~((err == 0) | (err <= self.atol * scale + self.rtol * ref64.abs()))  # nan counts as bad
         if not bool(bad.any()):
             return Verdict(True, abs_err, rel_err)
         i = int(bad.reshape(-1).nonzero()[0])
@@ -1033,3 +1040,53 @@ def _linalg_csr_case(matrix: str, dtype: torch.dtype, k: int, kind: str, density
     tol = _linalg_tolerance(dtype, kind)
     name = f"random_projection {kind} {matrix} {_shape_name(shape)} k={k}" + _seed_name(seed, offset)
     return Case("linalg_sketch_csr", name, dtype, run, reference, tol, agreement=tol)
+
+
+@family("retrieval", ops=("retrieval_topk",),
+        description="top-k from scores and from queries x items, history masked, ties to the lower id")
+def _retrieval_cases(quick: bool) -> list[Case]:
+    shapes = [(7, 37, 8, 4), (3, 1100, 16, 23)] + ([] if quick else [(1, 1, 3, 1), (9, 130, 5, 130)])
+    layouts = ["column_major"] if quick else list(LAYOUTS)
+    return [
+        _retrieval_case(dtype, shape, layout, source, output)
+        for dtype in DTYPES + (torch.float64,) for shape in shapes for layout in layouts
+        for source in ("queries", "scores") for output in ("values", "ids")
+    ]
+
+
+def _retrieval_case(dtype: torch.dtype, shape: tuple[int, int, int, int], layout: str, source: str,
+                    output: str) -> Case:
+    """Integer operands: every score is exact in every dtype, so values and ids (ties included)
+    must equal the reference's exactly."""
+    from diffcore import retrieval
+    from diffcore.reference import retrieval as ref_retrieval
+
+    B, n, d, k = shape
+
+    @functools.cache
+    def operands() -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(B * 7919 + n)
+        queries = torch.randint(-4, 5, (B, d), generator=g).float()
+        items = torch.randint(-4, 5, (n, d), generator=g).float()
+        lens = torch.randint(0, 6, (B,), generator=g)
+        crow = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        return queries, items, crow, torch.randint(0, n, (int(crow[-1]),), generator=g)
+
+    pick = 0 if output == "values" else 1
+
+    def run(device: torch.device) -> torch.Tensor:
+        queries, items, crow, col = operands()
+        exclude = (crow.to(device), col.to(device))
+        if source == "scores":
+            scores = arrange((queries @ items.T).to(dtype), layout, device)
+            return retrieval.topk(scores, k, exclude=exclude)[pick]
+        q, e = (arrange(v.to(dtype), layout, device) for v in (queries, items))
+        return retrieval.topk(q, k, items=e, exclude=exclude)[pick]
+
+    def reference() -> torch.Tensor:
+        queries, items, crow, col = operands()
+        return ref_retrieval.topk(queries.to(truth_dtype(dtype)), items.to(truth_dtype(dtype)), k, crow, col)[pick]
+
+    name = f"topk {output} from {source} {B}x{n} d={d} k={k} {layout}"
+    return Case("retrieval_topk", name, dtype, run, reference, Close(0.0, 0.0, scaled=False),
+                out_dtype=None if output == "values" else torch.long)

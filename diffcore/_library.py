@@ -1183,17 +1183,26 @@ def _triton_sketch_csr_out(*args):
     _kernels("linalg").linalg_sketch_csr_out(*args)
 
 
-# A diffcore._C built before csrc/cpu/linalg.cpp existed has no kernels for these ops: they then
-# run the reference on CPU, as without _C, and the registry says why "cpu" is not live.
-_LINALG_STALE_EXTENSION = _C is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(
-    "diffcore::linalg_sketch", "CPU"
-)
+def _stale_extension_reason(family: str, op: str):
+    """A diffcore._C built before ``csrc/cpu/<family>.cpp`` existed has no CPU kernel for ``op``:
+    the family's ops then run the reference on CPU, as without _C, and the registry says why "cpu"
+    is not live. Returns the registry's ``unavailable`` callback and whether the build is stale."""
+    stale = _C is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(f"diffcore::{op}", "CPU")
+
+    def reason(device: torch.device) -> str | None:
+        if stale:
+            return f"the loaded diffcore._C was built without csrc/cpu/{family}.cpp (rebuild it)"
+        return _extension_reason(device)
+
+    return reason, stale
 
 
-def _linalg_extension_reason(device: torch.device) -> str | None:
-    if _LINALG_STALE_EXTENSION:
-        return "the loaded diffcore._C was built without csrc/cpu/linalg.cpp (rebuild it)"
-    return _extension_reason(device)
+def _warn_stale(family: str, reason) -> None:
+    warnings.warn(f"diffcore: {reason(torch.device('cpu'))}; {family} ops run the PyTorch reference on CPU (slow).",
+                  RuntimeWarning, stacklevel=2)
+
+
+_linalg_extension_reason, _LINALG_STALE_EXTENSION = _stale_extension_reason("linalg", "linalg_sketch")
 
 
 for _linalg_op, _ref_impl, _cpu_impl, _triton_impl in (
@@ -1233,5 +1242,66 @@ impl_python(
 if _LINALG_STALE_EXTENSION:
     _lib.impl("linalg_sketch", _sketch_functional(_reference_sketch_out), "CPU")
     _lib.impl("linalg_sketch_csr", _sketch_csr_functional(_reference_sketch_csr_out), "CPU")
-    warnings.warn(f"diffcore: {_linalg_extension_reason(torch.device('cpu'))}; linalg ops run the PyTorch "
-                  "reference on CPU (slow).", RuntimeWarning, stacklevel=2)
+    _warn_stale("linalg", _linalg_extension_reason)
+
+
+# --- retrieval family (diffcore.retrieval) ------------------------------------------------------
+# ``retrieval_topk(x, items, k, crow, col) -> (Tensor values, Tensor ids)``
+#     The k best items of each row; the meaning is diffcore.reference.retrieval. ``x`` (B, n_items)
+#     scores when ``items`` is None, else (B, d) queries scored against items (n_items, d) blockwise
+#     (the (B, n_items) scores are never stored whole); float32/float64/float16/bfloat16, any
+#     strides. ``crow`` (B + 1,) int64 and ``col`` (nnz,) int64: each row's history, masked to
+#     -inf (both or neither). -> values (B, k) in x's dtype, ids (B, k) int64; ties to the lower id.
+#     NaN scores raise (in the kernel). Not differentiable.
+from diffcore.reference import retrieval as _ref_retrieval  # noqa: E402
+
+_lib.define("retrieval_topk(Tensor x, Tensor? items, int k, Tensor? crow, Tensor? col) -> (Tensor, Tensor)")
+
+
+def _topk_outputs(x, items, k):
+    return x.new_empty((x.shape[0], k)), torch.empty((x.shape[0], k), dtype=torch.long, device=x.device)
+
+
+@torch.library.register_fake("diffcore::retrieval_topk")
+def _(x, items, k, crow, col):
+    return _topk_outputs(x, items, k)
+
+
+# --- implementations (out form: the op's arguments, then values and ids) ------------------------
+def _reference_topk_out(x, items, k, crow, col, values, ids):
+    v, i = _ref_retrieval.topk(x, items, k, crow, col)
+    values.copy_(v)
+    ids.copy_(i)
+
+
+def _cpu_topk_out(x, items, k, crow, col, values, ids):
+    v, i = torch.ops.diffcore.retrieval_topk(x, items, k, crow, col)
+    values.copy_(v)
+    ids.copy_(i)
+
+
+def _triton_topk_out(*args):
+    _kernels("retrieval").retrieval_topk_out(*args)
+
+
+_retrieval_extension_reason, _RETRIEVAL_STALE_EXTENSION = _stale_extension_reason("retrieval", "retrieval_topk")
+_registry.register("retrieval_topk", "reference", _reference_topk_out, devices=("cpu", "cuda"))
+_registry.register("retrieval_topk", "cpu", _cpu_topk_out, devices=("cpu",), unavailable=_retrieval_extension_reason)
+_registry.register("retrieval_topk", "triton", _triton_topk_out, devices=("cpu", "cuda"),
+                   unavailable=_triton_unavailable)
+
+
+# --- Python backends: the reference without _C, Triton for CUDA tensors -------------------------
+def _topk_functional(impl):
+    def run(x, items, k, crow, col):
+        values, ids = _topk_outputs(x, items, k)
+        impl(x, items, k, crow, col, values, ids)
+        return values, ids
+
+    return run
+
+
+impl_python("retrieval_topk", _topk_functional, cpu_fallback=_reference_topk_out, cuda=_triton_topk_out)
+if _RETRIEVAL_STALE_EXTENSION:
+    _lib.impl("retrieval_topk", _topk_functional(_reference_topk_out), "CPU")
+    _warn_stale("retrieval", _retrieval_extension_reason)

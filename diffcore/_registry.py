@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["Implementation", "register", "implementations", "get", "forced", "use"]
+__all__ = ["Implementation", "register", "implementations", "get", "forced", "forced_for", "use"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,18 @@ def get(op: str, name: str) -> Implementation:
 def forced() -> str | None:
     """The implementation name forced by :func:`use`, or None (normal dispatch)."""
     return _forced_name
+
+
+def forced_for(op: str, device: torch.device) -> Implementation | None:
+    """The implementation of ``op`` forced by :func:`use`, or None (normal dispatch); raises when
+    the forced implementation cannot run on ``device``."""
+    if _forced_name is None:
+        return None
+    impl = get(op, _forced_name)
+    reason = impl.reason(device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: implementation {_forced_name!r} cannot run here: {reason}")
+    return impl
 
 
 @contextlib.contextmanager

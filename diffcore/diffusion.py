@@ -216,12 +216,8 @@ def _run_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, 
     """Calls the fused op (or the implementation forced by ``diffcore.use``); ``out`` None:
     allocate, ``out is x``: in place."""
     args = (f, f_uncond, float(guidance), t, table, noise, seed, offset, clamp_t)
-    name = _registry.forced()
-    if name is not None:
-        impl = _registry.get("diffusion_step", name)
-        reason = impl.reason(x.device)
-        if reason is not None:
-            raise RuntimeError(f"diffusion_step: implementation {name!r} cannot run here: {reason}")
+    impl = _registry.forced_for("diffusion_step", x.device)
+    if impl is not None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         impl(x, *args, out)
         return out

@@ -23,14 +23,10 @@ def randn_(out: torch.Tensor, *, seed: int, offset: int = 0) -> torch.Tensor:
     seed, offset = _checks.seed_offset(seed, offset)
     if seed is None:
         raise TypeError("seed: expected an int, got None")
-    name = _registry.forced()
-    if name is None:
+    impl = _registry.forced_for("random_normal", out.device)
+    if impl is None:
         torch.ops.diffcore.random_normal_(out, seed, offset)
     else:
-        impl = _registry.get("random_normal", name)
-        reason = impl.reason(out.device)
-        if reason is not None:
-            raise RuntimeError(f"random_normal: implementation {name!r} cannot run here: {reason}")
         impl(out, seed, offset)
     return out
 

@@ -471,12 +471,8 @@ def _run_sde_step(x, score, coef, noise, seed, offset, snr, out, mean_out):
     ``out`` None: allocate; ``out is x``: in place. ``mean_out`` None: not written (in place) or
     allocated (otherwise). Returns ``(out, mean_out)``."""
     args = (score, coef, noise, seed, offset, snr)
-    name = _registry.forced()
-    if name is not None:
-        impl = _registry.get("sde_step", name)
-        reason = impl.reason(x.device)
-        if reason is not None:
-            raise RuntimeError(f"sde_step: implementation {name!r} cannot run here: {reason}")
+    impl = _registry.forced_for("sde_step", x.device)
+    if impl is not None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         if mean_out is None and out is not x:
             mean_out = torch.empty_like(x, memory_format=torch.contiguous_format)

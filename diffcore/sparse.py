@@ -346,11 +346,11 @@ def spmm(adj: Adjacency, X: torch.Tensor) -> torch.Tensor:
         (n, d) in X's dtype. Differentiable in X (the backward is ``A_hat^T grad``).
     """
     X = _features("X", X, adj)
-    name = _registry.forced()
-    if name is None:
+    impl = _registry.forced_for("sparse_spmm", X.device)
+    if impl is None:
         return torch.ops.diffcore.sparse_spmm(*adj.operands(), X)
     out = torch.empty(X.shape, dtype=X.dtype, device=X.device)
-    _forced("sparse_spmm", name, X.device)(*adj.operands(), X, out)
+    impl(*adj.operands(), X, out)
     return out
 
 
@@ -377,11 +377,11 @@ def propagate(
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"num_layers: expected a non-negative int, got {num_layers!r}")
     weights = _layer_weights(combine, num_layers)
-    name = _registry.forced()
-    if name is None:
+    impl = _registry.forced_for("sparse_propagate", E0.device)
+    if impl is None:
         return torch.ops.diffcore.sparse_propagate(*adj.operands(), E0, num_layers, weights)
     out = torch.empty(E0.shape, dtype=E0.dtype, device=E0.device)
-    _forced("sparse_propagate", name, E0.device)(*adj.operands(), E0, num_layers, weights, out)
+    impl(*adj.operands(), E0, num_layers, weights, out)
     return out
 
 
@@ -584,10 +584,3 @@ def _layer_weights(combine: object, num_layers: int) -> list[float]:
         raise ValueError(f"combine: expected {num_layers + 1} layer weights (num_layers + 1), got {len(combine)}")
     return [float(w) for w in combine]
 
-
-def _forced(op: str, name: str, device: torch.device) -> _registry.Implementation:
-    impl = _registry.get(op, name)
-    reason = impl.reason(device)
-    if reason is not None:
-        raise RuntimeError(f"{op}: implementation {name!r} cannot run here: {reason}")
-    return impl

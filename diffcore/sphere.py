@@ -70,13 +70,9 @@ def _rows(name: str, x: object) -> torch.Tensor:
 def _run(op: str, inputs: tuple, out: torch.Tensor | None = None, out_shape: tuple | None = None) -> torch.Tensor:
     """Calls ``torch.ops.diffcore.<op>`` (or, in ``diffcore.use(name)``, that implementation);
     ``out`` None: allocate, ``out is inputs[0]``: the in-place op, else the ``_out`` op."""
-    name = _registry.forced()
     x = inputs[0]
-    if name is not None:
-        impl = _registry.get(op, name)
-        reason = impl.reason(x.device)
-        if reason is not None:
-            raise RuntimeError(f"{op}: implementation {name!r} cannot run here: {reason}")
+    impl = _registry.forced_for(op, x.device)
+    if impl is not None:
         if out is None:
             out = x.new_empty(out_shape or x.shape)
         impl(*inputs, out)

@@ -67,21 +67,12 @@ class _Forced(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _forced_name(op: str, device: torch.device) -> str | None:
-    name = _registry.forced()
-    if name is not None:
-        reason = _registry.get(op, name).reason(device)
-        if reason is not None:
-            raise RuntimeError(f"{op}: implementation {name!r} cannot run here: {reason}")
-    return name
-
-
 def _run(op: str, *args) -> torch.Tensor:
     """The loss op ``op`` through the dispatcher, or the forced implementation with autograd."""
-    name = _forced_name(op, args[0].device)
-    if name is None:
+    impl = _registry.forced_for(op, args[0].device)
+    if impl is None:
         return getattr(torch.ops.diffcore, op)(*args)
-    return _Forced.apply(op, name, *args)
+    return _Forced.apply(op, impl.name, *args)
 
 
 # --- diffusion loss -----------------------------------------------------------------------------
@@ -272,11 +263,11 @@ class TimestepSampler:
             if v.device != self.device:
                 raise ValueError(f"{name}: expected a tensor on {self.device} (the sampler's device), got {v.device}")
         losses = losses.detach()
-        name = _forced_name("training_history_update", self.device)
-        if name is None:
+        impl = _registry.forced_for("training_history_update", self.device)
+        if impl is None:
             torch.ops.diffcore.training_history_update_(self.history, self.count, t, losses)
         else:
-            _registry.get("training_history_update", name)(self.history, self.count, t, losses)
+            impl(self.history, self.count, t, losses)
 
     def __repr__(self) -> str:
         return (f"TimestepSampler(steps={self.steps}, kind={self.kind!r}, history={self.history.shape[1]}, "

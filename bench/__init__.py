@@ -15,4 +15,4 @@ and the speed targets the issues name. The harness is written once:
 A family joins the bench by adding its module and its name to :data:`FAMILIES`.
 """
 
-FAMILIES: tuple[str, ...] = ("diffusion", "linalg", "random", "sde", "sparse", "sphere", "training")
+FAMILIES: tuple[str, ...] = ("diffusion", "e2e", "linalg", "random", "sde", "sparse", "sphere", "training")

@@ -411,12 +411,16 @@ def sample(
         return x_t
 
     stride = (x_start.numel() + 3) // 4  # Philox counters one seeded step consumes
-    noise_buf = torch.empty_like(x_start) if seed is None else None
-    x_t = x_start.clone(memory_format=torch.contiguous_format)
+    draws = seed is None and (noise or steps > 0)
+    noise_buf = torch.empty_like(x_start, memory_format=torch.contiguous_format) if draws else None
+    # The first write (the start's q_sample, else the first step) goes from x_start into the
+    # buffer: no copy of x_start, and the buffer's page faults are taken by that kernel's threads.
+    buf = torch.empty_like(x_start, memory_format=torch.contiguous_format)
+    x_t = x_start
     if steps > 0:
         if seed is None:
             noise_buf.normal_(generator=generator)
-        q_sample(x_t, steps - 1, schedule, noise=noise_buf, seed=seed, offset=offset, out=x_t)
+        x_t = q_sample(x_start, steps - 1, schedule, noise=noise_buf, seed=seed, offset=offset, out=buf)
     for k, i in enumerate(reversed(range(T)), start=1):
         model_out = denoiser(x_t, t_rows[i])
         uncond_out = None
@@ -430,6 +434,7 @@ def sample(
         p_step(
             x_t, model_out, t_all[i : i + 1], schedule, prediction=prediction, variance=variance,
             uncond_out=uncond_out, guidance_scale=guidance_scale or 0.0,
-            noise=step_noise, seed=step_seed, offset=offset + k * stride, out=x_t,
+            noise=step_noise, seed=step_seed, offset=offset + k * stride, out=buf,
         )
+        x_t = buf
     return x_t

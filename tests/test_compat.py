@@ -419,6 +419,26 @@ def test_dreamrec_sampler(batched, grad):
     assert got.requires_grad == grad
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["two_calls", "batched"])
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_dreamrec_sampler_seeded(batched, grad):
+    """Opt-in Philox noise: the start at ``offset``, step k at ``offset + k ceil(B d / 4)``, i.e.
+    ``diffcore.sample`` with guidance over the same denoiser pair."""
+    T, B, d, w, seed, offset = 8, 5, 6, 2.0, 3, 17
+    schedule = diffcore.Schedule.exp(T, dtype=torch.float32)
+    model = CondDenoiser(d)
+    h, h_null = torch.randn(B, d), torch.randn(1, d)
+    x_T = diffcore.random.randn(B, d, seed=seed, offset=offset)
+    with torch.no_grad():
+        expected = diffcore.sample(lambda x, t: (model(x, h, t), model(x, h_null.expand(B, -1), t)), x_T, schedule,
+                                   noise=True, seed=seed, offset=offset, guidance_scale=w)
+    sampler = diffcore.nn.DreamRecSampler(model, schedule, w, batched=batched)
+    with torch.set_grad_enabled(grad):
+        got = sampler(h, h_null, seed=seed, offset=offset)
+    torch.testing.assert_close(got.detach(), expected, **TOL)
+    assert got.requires_grad == grad
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
 def test_diffurec_sampler(grad):
     T, B, d = 6, 4, 7

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from diffcore import _checks, sphere
+from diffcore.random import randn_
 from diffcore.diffusion import Schedule, p_step, sample
 
 __all__ = ["DreamRecSampler", "DiffuRecSampler", "SphereSampler"]
@@ -83,38 +84,59 @@ class DreamRecSampler(_Sampler):
         self.prediction = prediction
 
     def forward(
-        self, condition: torch.Tensor, null_condition: torch.Tensor, x_T: torch.Tensor | None = None
+        self, condition: torch.Tensor, null_condition: torch.Tensor, x_T: torch.Tensor | None = None, *,
+        seed: int | None = None, offset: int = 0,
     ) -> torch.Tensor:
         """Args:
             condition: (B, d_c), DreamRec's ``h``.
             null_condition: (d_c,), (1, d_c) or (B, d_c): the learned null embedding.
-            x_T: (B, d) start; None: ``torch.randn_like(condition)``, as DreamRec draws it.
+            x_T: (B, d) start; None: ``torch.randn_like(condition)``, as DreamRec draws it (with
+                ``seed``: the Philox stream at ``offset``).
+            seed, offset: opt-in noise drawn inside the step kernels from the Philox stream (step
+                k, k = 1..T, at ``offset + k ceil(B d / 4)``, as :func:`diffcore.sample`), instead
+                of DreamRec's ``randn_like`` before every step: the same distribution, other draws.
         Returns:
             (B, d) x_0."""
         _checks.float_tensor("condition", condition, ndim=2)
+        seed, offset = _checks.seed_offset(seed, offset)
         B = condition.shape[0]
         null_condition = torch.as_tensor(null_condition, device=condition.device).reshape(-1, condition.shape[1])
         null_condition = null_condition.expand(B, -1)
-        x = torch.randn_like(condition) if x_T is None else x_T
-        _checks.float_tensor("x_T", x, ndim=2)
-        schedule = self._schedule_on(x.device)
+        if x_T is None:
+            x_T = torch.empty_like(condition) if seed is not None else torch.randn_like(condition)
+            if seed is not None:
+                randn_(x_T, seed=seed, offset=offset)
+        _checks.float_tensor("x_T", x_T, ndim=2)
+        schedule = self._schedule_on(x_T.device)
         in_place = not torch.is_grad_enabled()
-        if in_place:
-            x = x.clone(memory_format=torch.contiguous_format)
+        x = x_T.clone(memory_format=torch.contiguous_format) if in_place else x_T
+        stride = (x.numel() + 3) // 4
         t_all = torch.arange(schedule.num_steps, device=x.device)
+        # the batched call's inputs, written in place every step under no_grad
         both = torch.cat([condition, null_condition]) if self.batched else None
-        for i in reversed(range(schedule.num_steps)):
+        xx = torch.empty((2 * B, x.shape[1]), dtype=x.dtype, device=x.device) if self.batched else None
+        tt = torch.empty(2 * B, dtype=torch.long, device=x.device)
+        noise_buf = torch.empty_like(x) if in_place and seed is None else None
+        for k, i in enumerate(reversed(range(schedule.num_steps)), start=1):
             t = t_all[i : i + 1].expand(B)
             if self.batched:
-                cond_out, uncond_out = self.denoiser(torch.cat([x, x]), both, torch.cat([t, t])).chunk(2)
+                if in_place:
+                    xx[:B].copy_(x)
+                    xx[B:].copy_(x)
+                    tt.fill_(i)
+                    cond_out, uncond_out = self.denoiser(xx, both, tt).chunk(2)
+                else:
+                    cond_out, uncond_out = self.denoiser(torch.cat([x, x]), both, torch.cat([t, t])).chunk(2)
             else:
                 cond_out = self.denoiser(x, condition, t)
                 uncond_out = self.denoiser(x, null_condition, t)
-            noise = torch.randn_like(x) if i > 0 else None
-            kwargs = dict(
-                prediction=self.prediction, uncond_out=uncond_out, guidance_scale=self.guidance_scale, noise=noise
-            )
+            noise = None
+            if i > 0 and seed is None:
+                noise = noise_buf.normal_() if in_place else torch.randn_like(x)
+            kwargs = dict(prediction=self.prediction, uncond_out=uncond_out, guidance_scale=self.guidance_scale,
+                          noise=noise, seed=seed if i > 0 else None, offset=offset + k * stride)
             if in_place:
+                kwargs["uncond_out"] = _detached(uncond_out, x)
                 p_step(x, _detached(cond_out, x), t_all[i : i + 1], schedule, out=x, **kwargs)
             else:
                 x = p_step(x, cond_out, t_all[i : i + 1], schedule, **kwargs)

@@ -392,7 +392,8 @@ def sample(
     Args:
         x_start: (B, N) float tensor; not modified.
     Returns:
-        (B, N) x_0. Allocation-free per step: one buffer for x_t (and one for noise).
+        (B, N) x_0. Allocation-free per step: one buffer for x_t, made by the first step (and one
+            for noise).
     """
     _checks.float_tensor("x_start", x_start, ndim=2)
     if not isinstance(schedule, Schedule):
@@ -413,14 +414,14 @@ def sample(
     stride = (x_start.numel() + 3) // 4  # Philox counters one seeded step consumes
     draws = seed is None and (noise or steps > 0)
     noise_buf = torch.empty_like(x_start, memory_format=torch.contiguous_format) if draws else None
-    # The first write (the start's q_sample, else the first step) goes from x_start into the
-    # buffer: no copy of x_start, and the buffer's page faults are taken by that kernel's threads.
-    buf = torch.empty_like(x_start, memory_format=torch.contiguous_format)
-    x_t = x_start
+    # The first write (the start's q_sample, else the first step) allocates x_t's buffer from
+    # x_start (no copy of x_start; the kernel's output is backed by huge pages where the OS allows
+    # it, see csrc/include/diffcore/memory.h); the later steps write that buffer in place.
+    x_t, fresh = x_start, False
     if steps > 0:
         if seed is None:
             noise_buf.normal_(generator=generator)
-        x_t = q_sample(x_start, steps - 1, schedule, noise=noise_buf, seed=seed, offset=offset, out=buf)
+        x_t, fresh = q_sample(x_start, steps - 1, schedule, noise=noise_buf, seed=seed, offset=offset), True
     for k, i in enumerate(reversed(range(T)), start=1):
         model_out = denoiser(x_t, t_rows[i])
         uncond_out = None
@@ -431,10 +432,10 @@ def sample(
             step_noise = noise_buf.normal_(generator=generator)
         elif noise:
             step_seed = seed
-        p_step(
+        x_t = p_step(
             x_t, model_out, t_all[i : i + 1], schedule, prediction=prediction, variance=variance,
             uncond_out=uncond_out, guidance_scale=guidance_scale or 0.0,
-            noise=step_noise, seed=step_seed, offset=offset + k * stride, out=buf,
+            noise=step_noise, seed=step_seed, offset=offset + k * stride, out=x_t if fresh else None,
         )
-        x_t = buf
+        fresh = True
     return x_t

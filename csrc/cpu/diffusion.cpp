@@ -14,6 +14,7 @@
 
 #include <diffcore/checks.h>
 #include <diffcore/cpu_isa.h>
+#include <diffcore/memory.h>
 
 #include <optional>
 #include <vector>
@@ -200,7 +201,7 @@ at::Tensor diffusion_step(const at::Tensor& x, const OptTensor& f, const OptTens
                           double guidance, const OptTensor& t, const at::Tensor& table,
                           const OptTensor& noise, std::optional<int64_t> seed, int64_t offset,
                           bool clamp_t) {
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = empty_output(x.sizes(), x.options());
   run_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out);
   return out;
 }

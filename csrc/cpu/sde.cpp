@@ -19,6 +19,7 @@
 
 #include <diffcore/checks.h>
 #include <diffcore/cpu_isa.h>
+#include <diffcore/memory.h>
 
 #include <cmath>
 #include <optional>
@@ -353,8 +354,8 @@ std::tuple<at::Tensor, at::Tensor> sde_step(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& coef, const OptTensor& noise,
                                             std::optional<int64_t> seed, int64_t offset,
                                             std::optional<double> snr) {
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor mean = at::empty(x.sizes(), x.options());
+  at::Tensor out = empty_output(x.sizes(), x.options());
+  at::Tensor mean = empty_output(x.sizes(), x.options());
   run_sde_step(x, score, coef, noise, seed, offset, snr, out, mean);
   return {out, mean};
 }

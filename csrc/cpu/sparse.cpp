@@ -29,6 +29,7 @@
 
 #include <diffcore/checks.h>
 #include <diffcore/cpu_isa.h>
+#include <diffcore/memory.h>
 
 #include "csr.h"
 
@@ -392,7 +393,7 @@ at::Tensor sparse_spmm(const at::Tensor& crow, const at::Tensor& col, const OptT
   check_feature_dtype(x, "x");
   CsrView a = csr_view(crow, col, values, row_scale, col_scale, x);
   const int64_t d = x.size(1);
-  at::Tensor out = at::empty({a.rows, d}, x.options());
+  at::Tensor out = empty_output({a.rows, d}, x.options());
   if (a.rows == 0 || d == 0) return out;
   const at::Tensor xs = unit_cols(x);
   const std::vector<int64_t> parts = row_parts(a, d);
@@ -424,17 +425,17 @@ at::Tensor sparse_propagate(const at::Tensor& crow, const at::Tensor& col, const
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (num_layers == 0) return x.to(acc).mul(weights[0]).to(x.scalar_type());
   const int64_t d = x.size(1);
-  at::Tensor out = at::empty({a.rows, d}, x.options());
+  at::Tensor out = empty_output({a.rows, d}, x.options());
   if (a.rows == 0 || d == 0) return out;
   const at::Tensor xs = unit_cols(x);
   const std::vector<int64_t> parts = row_parts(a, d);
   a.parts = parts.data();
   a.num_parts = static_cast<int64_t>(parts.size()) - 1;
   const auto acc_opts = x.options().dtype(acc);
-  const at::Tensor combine = acc == x.scalar_type() ? out : at::empty({a.rows, d}, acc_opts);
+  const at::Tensor combine = acc == x.scalar_type() ? out : empty_output({a.rows, d}, acc_opts);
   at::Tensor layer[2];
-  if (num_layers > 1) layer[1] = at::empty({a.rows, d}, acc_opts);
-  if (num_layers > 2) layer[0] = at::empty({a.rows, d}, acc_opts);
+  if (num_layers > 1) layer[1] = empty_output({a.rows, d}, acc_opts);
+  if (num_layers > 2) layer[0] = empty_output({a.rows, d}, acc_opts);
   PropagateOperands op;
   op.a = a;
   op.d = d;

@@ -29,6 +29,7 @@
 
 #include <diffcore/checks.h>
 #include <diffcore/cpu_isa.h>
+#include <diffcore/memory.h>
 
 #include <algorithm>
 #include <atomic>
@@ -581,7 +582,7 @@ at::Tensor run_map(SphereMap map, const at::Tensor& x, const OptTensor& v, doubl
   const OptTensor vs = v ? OptTensor(unit_cols(*v)) : std::nullopt;
   const bool distance = map == SphereMap::kDistance;
   at::Tensor out =
-      distance ? at::empty({x.size(0)}, x.options()) : at::empty(x.sizes(), x.options());
+      distance ? at::empty({x.size(0)}, x.options()) : empty_output(x.sizes(), x.options());
   SphereOperands op;
   op.rows = x.size(0);
   op.cols = x.size(1);
@@ -706,7 +707,7 @@ void run_p_step(const at::Tensor& x, const at::Tensor& f, const OptTensor& f_unc
 
 at::Tensor sphere_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
                            const OptTensor& noise, std::optional<int64_t> seed, int64_t offset) {
-  at::Tensor out = at::empty(x0.sizes(), x0.options());
+  at::Tensor out = empty_output(x0.sizes(), x0.options());
   run_q_sample(x0, t, table, noise, seed, offset, out);
   return out;
 }
@@ -726,7 +727,7 @@ at::Tensor sphere_p_step(const at::Tensor& x, const at::Tensor& f, const OptTens
                          double guidance, const at::Tensor& t, const at::Tensor& table,
                          const OptTensor& noise, std::optional<int64_t> seed, int64_t offset,
                          bool clamp_t) {
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = empty_output(x.sizes(), x.options());
   run_p_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out);
   return out;
 }

@@ -11,13 +11,16 @@ Variants:
 - ``randomized_svd k=64``: 10 oversamples and 7 power iterations (scikit-learn's defaults for
   k < 0.1 min(m, n)) for every randomized provider: diffcore (CholeskyQR2, Omega in the kernel),
   ``torch.svd_lowrank(A, q=74, niter=7)`` (Householder QR after every product, Omega
-  materialised), scikit-learn's ``randomized_svd`` (LU; numpy) when it is installed and a
-  transcription of its algorithm with numpy and scipy (the same calls) always, and scipy's
-  ``svds`` (ARPACK, exact; the full suite only: about 35 s a call on Gowalla here). Every output
-  is checked against the top-64 singular values from ``svds`` (computed once per case) and its
-  accuracy lands in the notes: the largest relative error of S and the residual
-  ``||A - U S Vh||_F`` over the optimal one (``||A||_F^2 - 2 sum_i S_i u_i^T A v_i + sum_i S_i^2``,
-  exact for orthonormal U, V, so no dense A is formed).
+  materialised), scikit-learn's ``sklearn.utils.extmath.randomized_svd`` (LU power iterations,
+  numpy/scipy; not run when scikit-learn is not installed: ``pip install .[bench]``), and scipy's
+  ``svds`` (ARPACK, exact). Every output is checked against the top-64 singular values (computed
+  once per case: by ``svds`` in float64 for Gowalla, by the full SVD of the dense matrix's
+  float64 factors) and its accuracy lands in the notes: the largest relative error of S and the
+  residual ``||A - U S Vh||_F`` over the optimal one (``||A||_F^2 - 2 sum_i S_i u_i^T A v_i +
+  sum_i S_i^2``, exact for orthonormal U, V, so no dense A is formed).
+  Both suites time every provider on both matrices: the quick suite's linalg family takes about a
+  minute on 2 quiet cores (scipy's svds, about 1 s a call on Gowalla and 2 s on the dense matrix,
+  is among its slowest rows).
 - ``sketch k=64``: ``A @ Omega``; diffcore generates Omega in the kernel, the baselines draw it with
   ``torch.randn`` / numpy and multiply (torch CSR ``@``, scipy ``@``).
 """
@@ -25,11 +28,11 @@ Variants:
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg as sla
 import scipy.sparse as sp
 import torch
 
@@ -44,7 +47,7 @@ OP_SVD, OP_SKETCH = "randomized_svd", "sketch"
 K, OVERSAMPLE, N_ITER = 64, 10, 7
 SVD_VARIANT = f"randomized_svd k={K}"
 SKLEARN = "sklearn randomized_svd"
-TRANSCRIPTION = "sklearn's algorithm (numpy transcription)"
+SVDS = "scipy svds (ARPACK)"
 SEED = 0
 
 
@@ -63,14 +66,15 @@ SMOKE = [Matrix(Workload("smoke-sparse", (300, 400), "tiny, for the test suite")
 
 TARGETS = [
     Target(FAMILY, OP_SVD, "gowalla", GOWALLA.workload.shape, SVD_VARIANT, ALLOCATING, "diffcore:cpu", "vs_provider",
-           3.0, baseline=baseline)
-    for baseline in (SKLEARN, TRANSCRIPTION)
+           3.0, baseline=SKLEARN),
 ]
 
 NOTES = [
-    f"linalg: `{TRANSCRIPTION}` runs scikit-learn's randomized_svd line by line (numpy Omega, scipy.linalg.lu "
-    "power iterations, economic QR, SVD of Q^T A, svd_flip) for machines without scikit-learn; it is the baseline "
-    f"of the second Gowalla target, `{SKLEARN}` of the first",
+    f"linalg target: `diffcore:cpu` >= 3x faster than `{SKLEARN}` on Gowalla at k={K}, 2 threads, at equal or "
+    "better accuracy (the accuracy lines below compare the two)",
+    f"linalg: every randomized provider runs k={K}, {OVERSAMPLE} oversamples, {N_ITER} power iterations; "
+    f"`{SKLEARN}` is sklearn.utils.extmath.randomized_svd with its defaults otherwise (LU power iterations, "
+    "transposing a wide matrix), on the same scipy CSR / numpy input",
     "linalg: diffcore's randomized_svd rows include converting the scipy CSR input (and building its transpose) "
     "in every call, as a user's call does",
 ]
@@ -83,8 +87,7 @@ def settings(suite: str) -> list[Matrix]:
 def cases(config: Config) -> list[Case]:
     out = []
     for matrix in settings(config.suite):
-        if matrix.nnz is not None or config.suite != "quick":  # quick: the dense SVD, no target, is left out
-            out.append(_svd_case(matrix, config))
+        out.append(_svd_case(matrix, config))
         out.append(_sketch_case(matrix, config))
     return out
 
@@ -104,57 +107,34 @@ def _matrix(matrix: Matrix, config: Config) -> Inputs:
     g = torch.Generator().manual_seed(config.seed)
     r = min(256, n)
     s = (1.0 + torch.arange(r, dtype=torch.float32)) ** -0.5
-    A = (torch.randn(m, r, generator=g) * s / math.sqrt(m)) @ (torch.randn(r, n, generator=g) / math.sqrt(n))
+    G1, G2 = torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
+    A = (G1 * s / math.sqrt(m)) @ (G2 / math.sqrt(n))
     A = A * math.sqrt(m)  # singular values ~ sqrt(m) s_i
-    return {"A": A, "torch": A, "fro2": float(A.double().square().sum())}
+    factors = (G1.double() * s.double(), G2.double() / math.sqrt(n))  # A, exactly: their product
+    return {"A": A, "torch": A, "fro2": float(A.double().square().sum()), "factors": factors}
 
 
-def _truth(inputs: Inputs, k: int) -> np.ndarray:
-    """The top-k singular values, from scipy's svds (ARPACK) in float64."""
+def _truth(inputs: Inputs, k: int) -> tuple[np.ndarray, str]:
+    """The top-k singular values, in float64, and how they were found. The sparse matrix: scipy's
+    svds (ARPACK). The dense one: the full SVD of its rank-r factorisation A = L R (exact in
+    float64: the SVD of R_L R_R^T from the QR factors L = Q_L R_L, R^T = Q_R R_R; A itself is
+    their float32 product: its top 64 agree with svds' to 4e-8 relative), in under a second where
+    svds takes about 9 s."""
+    t0 = time.perf_counter()
+    if "factors" in inputs:
+        L, R = inputs["factors"]
+        core = torch.linalg.qr(L).R @ torch.linalg.qr(R.mT).R.mT
+        s = torch.linalg.svdvals(core).numpy()[:k]
+        return s, f"the full SVD of its float64 factors took {time.perf_counter() - t0:.2f} s"
     import scipy.sparse.linalg as spla
 
     A = inputs["A"]
     A64 = A.astype(np.float64) if sp.issparse(A) else A.double().numpy()
-    return np.sort(spla.svds(A64, k=k, random_state=0, return_singular_vectors=False))[::-1]
+    s = spla.svds(A64, k=k, random_state=0, return_singular_vectors=False)
+    return np.sort(s)[::-1], f"scipy svds (ARPACK, float64, singular values only) took {time.perf_counter() - t0:.1f} s"
 
 
 # --- randomized SVD -------------------------------------------------------------------------------
-def sklearn_randomized_svd(M, n_components: int, *, n_oversamples: int = 10, n_iter: int | str = "auto",
-                           random_state: int = 0):
-    """scikit-learn's randomized_svd (sklearn.utils.extmath, 1.5) with its defaults: Omega from
-    numpy's normal, LU power iterations (none for n_iter <= 2), economic QR, the SVD of Q^T M,
-    svd_flip; M transposed when it is wide."""
-    rs = np.random.RandomState(random_state)
-    n_random = n_components + n_oversamples
-    n_samples, n_features = M.shape
-    if n_iter == "auto":
-        n_iter = 7 if n_components < 0.1 * min(M.shape) else 4
-    transpose = n_samples < n_features
-    if transpose:
-        M = M.T
-    Q = rs.normal(size=(M.shape[1], n_random)).astype(M.dtype, copy=False)
-    for _ in range(n_iter):
-        if n_iter <= 2:
-            Q = M.T @ (M @ Q)
-        else:
-            Q, _ = sla.lu(M @ Q, permute_l=True)
-            Q, _ = sla.lu(M.T @ Q, permute_l=True)
-    Q, _ = sla.qr(M @ Q, mode="economic")
-    B = np.asarray((M.T @ Q).T)
-    Uhat, s, Vt = sla.svd(B, full_matrices=False, lapack_driver="gesdd")
-    U = Q @ Uhat
-    if not transpose:
-        rows = np.argmax(np.abs(U), axis=0)
-        signs = np.sign(U[rows, range(U.shape[1])])
-    else:
-        cols = np.argmax(np.abs(Vt), axis=1)
-        signs = np.sign(Vt[range(Vt.shape[0]), cols])
-    U, Vt = U * signs, Vt * signs[:, None]
-    if transpose:
-        return Vt[:n_components].T, s[:n_components], U[:, :n_components].T
-    return U[:, :n_components], s[:n_components], Vt[:n_components]
-
-
 def _accuracy(inputs: Inputs, U, S, Vh) -> tuple[float, float]:
     """(max_i |S_i - sigma_i| / sigma_i, ||A - U S Vh||_F / the optimal rank-k residual)."""
     U, S, Vh = (np.asarray(x.detach().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
@@ -168,28 +148,41 @@ def _accuracy(inputs: Inputs, U, S, Vh) -> tuple[float, float]:
     return float(np.max(np.abs(S - truth) / truth)), math.sqrt(residual2 / optimal2)
 
 
+def _verdict(mine: tuple[float, float], theirs: tuple[float, float]) -> str:
+    """Whether diffcore's (max S error, residual ratio) is equal or better than scikit-learn's in
+    this run: the residual no more than 1e-5 of the optimal above theirs (rounding), the S error
+    no more than 10% above theirs. One seed each, and the two draw different Omegas, so one run's
+    verdict is partly chance: on the dense matrix, seed 0 puts diffcore's residual 2.8e-4 of the
+    optimal above scikit-learn's, while over seeds 0-9 diffcore's medians are the better ones
+    (S error 8.9e-3 vs 1.1e-2, residual 1.000624 vs 1.000648; Gowalla: 2.08e-2 vs 2.19e-2,
+    1.000134 vs 1.000138), measured; tests/test_linalg.py compares medians over seeds."""
+    ok = mine[1] <= theirs[1] + 1e-5 and mine[0] <= 1.1 * theirs[0]
+    return "equal or better" if ok else "worse at this seed"
+
+
 def _svd_case(matrix: Matrix, config: Config) -> Case:
     w, k = matrix.workload, matrix.k
     sparse = matrix.nnz is not None
     op = "linalg_sketch_csr" if sparse else "linalg_sketch"
     notes = list(NOTES)  # the case's own list: the checks add the accuracy lines to it
+    device_impl = "diffcore:cpu" if config.device.type == "cpu" else "diffcore:triton"
     accuracy: dict[str, tuple[float, float]] = {}
 
     def check(name: str, limit: float = 0.05):
         def run(inputs: Inputs, out) -> str | None:
             U, S, Vh = out
             if "truth" not in inputs:
-                inputs["truth"] = _truth(inputs, k)
+                inputs["truth"], how = _truth(inputs, k)
+                notes.append(f"linalg accuracy reference, {w.name} k={k}: {how}, once, outside the timings")
             err, residual = _accuracy(inputs, U, S, Vh)
             accuracy[name] = (err, residual)
-            notes.append(f"linalg accuracy, {w.name} k={k}: `{name}`: max |S_i - s_i| / s_i = {err:.2e} against svds, "
+            notes.append(f"linalg accuracy, {w.name} k={k}: `{name}`: max |S_i - s_i| / s_i = {err:.2e}, "
                          f"||A - U S Vh||_F = {residual:.6f} x the optimal")
-            mine = accuracy.get("diffcore:cpu")
-            if name in (SKLEARN, TRANSCRIPTION) and mine is not None:
-                better = mine[0] <= err * 1.5 and mine[1] <= residual * (1 + 1e-4)
-                notes.append(f"linalg accuracy, {w.name} k={k}: `diffcore:cpu` vs `{name}`: "
-                             f"{'equal or better' if better else 'WORSE'} (S error {mine[0]:.2e} vs {err:.2e}, "
-                             f"residual {mine[1]:.6f} vs {residual:.6f})")
+            mine = accuracy.get(device_impl)
+            if name == SKLEARN and mine is not None:
+                notes.append(f"linalg accuracy, {w.name} k={k}: `{device_impl}` vs `{name}`: "
+                             f"{_verdict(mine, (err, residual))} (S error {mine[0]:.2e} vs {err:.2e}, "
+                             f"residual {mine[1]:.6f} vs {residual:.6f} x the optimal)")
             if not err <= limit or not residual <= 1 + limit:
                 return f"inaccurate: max S error {err:.3g}, residual {residual:.4f} x the optimal"
             return None
@@ -200,7 +193,6 @@ def _svd_case(matrix: Matrix, config: Config) -> Case:
         A = inputs["A"]
         return lambda: diffcore.linalg.randomized_svd(A, k, oversample=OVERSAMPLE, n_iter=N_ITER, seed=SEED)
 
-    device_impl = "diffcore:cpu" if config.device.type == "cpu" else "diffcore:triton"
     providers, impl_notes = implementation_providers(
         op, config, calls={ALLOCATING: diffcore_svd}, checks={ALLOCATING: check(device_impl)}, numel=math.prod(w.shape),
     )
@@ -208,17 +200,13 @@ def _svd_case(matrix: Matrix, config: Config) -> Case:
 
     def svd_lowrank(inputs: Inputs):
         A = inputs["torch"]
+        torch.manual_seed(SEED)  # its Omega comes from torch's global generator: the checked call's accuracy repeats
 
         def run():
             U, S, V = torch.svd_lowrank(A, q=k + OVERSAMPLE, niter=N_ITER)
             return U[:, :k], S[:k], V[:, :k].mT
 
         return run
-
-    def transcription(inputs: Inputs):
-        A = inputs["A"]
-        M = A if sparse else A.numpy()
-        return lambda: sklearn_randomized_svd(M, k, n_oversamples=OVERSAMPLE, n_iter=N_ITER, random_state=SEED)
 
     try:
         from sklearn.utils.extmath import randomized_svd as sk_randomized_svd
@@ -243,16 +231,12 @@ def _svd_case(matrix: Matrix, config: Config) -> Case:
 
         return run
 
-    slow = "scipy svds (ARPACK) takes about 35 s a call on Gowalla here: --suite full" \
-        if config.suite == "quick" and sparse else None
     cpu_only = None if config.device.type == "cpu" else "numpy and scipy run on the CPU only"
     providers += [
         Provider(f"torch.svd_lowrank (q={k + OVERSAMPLE}, niter={N_ITER})", ALLOCATING, setup=svd_lowrank,
                  check=check("torch.svd_lowrank"), role=EAGER),
         Provider(SKLEARN, ALLOCATING, setup=sklearn, check=check(SKLEARN), unavailable=sklearn_missing or cpu_only),
-        Provider(TRANSCRIPTION, ALLOCATING, setup=transcription, check=check(TRANSCRIPTION), unavailable=cpu_only),
-        Provider("scipy svds (ARPACK)", ALLOCATING, setup=svds, check=check("scipy svds", 1e-3),
-                 unavailable=slow or cpu_only),
+        Provider(SVDS, ALLOCATING, setup=svds, check=check(SVDS, 1e-3), unavailable=cpu_only),
     ]
     m, n = w.shape
     elem = 4

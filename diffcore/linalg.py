@@ -21,18 +21,22 @@ for dense tensors, torch sparse COO/CSR tensors, scipy.sparse matrices and
 :class:`diffcore.sparse.Adjacency` (whose ``A^T Q`` runs over its cached transpose). Sparse
 products run ``diffcore.sparse``'s CSR kernel (torch's CSR matmul for float64 values that are
 not exactly float32); dense products and the factorisations run ``torch.linalg`` (MKL here).
+The iterates are kept l columns wide inside buffers padded with zero columns to whole 64-byte
+vectors (74 -> 80 float32 columns at k = 64), which the SpMM and the GEMMs run much faster on.
 ``orth`` is the ``normalizer``:
 
 - ``"cholqr2"`` (default): CholeskyQR2 (:func:`cholqr2`) for the basis B is made from: two
-  Gram-Cholesky passes, the Gram matrix accumulated in float64: two tall-skinny GEMMs and an
-  (l x l) Cholesky per pass instead of Householder QR's sequence of reflections. A Gram matrix too
-  ill-conditioned for Cholesky is shifted (shifted CholeskyQR3, Fukaya et al. 2020); a numerically
-  rank-deficient one falls back to Householder QR: the basis is always orthonormal, never NaN.
-  The power iterations' iterates need only a well-conditioned basis of their span: one pass,
-  with a float32 Gram matrix when the iterate is well-conditioned enough for its rounding, and
-  only once the products since the last one would spread its singular values by more than 100x
-  (every third product on interaction matrices, whose spectra are flat; every product on fast
-  decaying ones).
+  Gram-Cholesky passes, two tall-skinny GEMMs and an (l x l) Cholesky per pass instead of
+  Householder QR's sequence of reflections; the second pass's Gram matrix is accumulated in
+  float64 (so is the first's, unless the iterate is well-conditioned enough for float32), and
+  its ``Q1 R2^-1`` is folded into the small SVD's (l x l) factors instead of formed. A Gram
+  matrix too ill-conditioned for Cholesky is shifted (shifted CholeskyQR3, Fukaya et al. 2020); a
+  numerically rank-deficient one falls back to Householder QR: the basis is always orthonormal,
+  never NaN. The power iterations' iterates need only a well-conditioned basis of their span:
+  one pass, with a float32 Gram matrix when the iterate is well-conditioned enough for its
+  rounding, and only once the products since the last one would spread its singular values by
+  more than 100x (every third product on interaction matrices, whose spectra are flat; every
+  product on fast decaying ones).
 - ``"qr"``: Householder QR (``torch.linalg.qr``) after every product, as ``torch.svd_lowrank``.
 - ``"lu"``: the power iterations keep ``P L`` of an LU factorisation (scikit-learn's default),
   the last step is Householder QR.
@@ -43,7 +47,7 @@ not exactly float32); dense products and the factorisations run ``torch.linalg``
 Nothing is lost silently: when A's numerical rank is below k (numpy's ``matrix_rank`` rule on the
 singular values found), a :class:`RankDeficiencyWarning` says which triplets are rounding noise;
 U and V stay orthonormal. Results are reproducible for a seed, the same for any thread count
-(the (l x l) factorisations run in numpy, Householder QR on one thread), and follow one sign
+(the (l x l) factorisations and Householder QR run on one thread), and follow one sign
 convention: the entry of largest magnitude of each column of U is positive (scikit-learn's
 ``svd_flip``), with V's rows flipped to match.
 """
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -75,12 +80,16 @@ _CHOL_MAX_COND = 1e7
 # matrix: its result is orthonormal to working precision, and no further pass is needed.
 _NEAR_ORTHONORMAL = 10.0
 _MAX_EXTRA_PASSES = 3
-# A float32 Gram matrix (relative rounding ~1e-5 over tens of thousands of rows) gives a good
-# enough factor for a power iteration's iterate when its factor is this well-conditioned.
-_FLOAT32_GRAM_MAX_COND = 100.0
+# A float32 Gram matrix gives a good enough factor for a power iteration's iterate (a
+# well-conditioned basis of its span, not an orthonormal one) when its factor is this
+# well-conditioned: its rounding, about 2e-7 of ||Y||^2 measured over 40,000 rows (1e-5 at worst),
+# moves the smallest eigenvalue ||Y||^2 / cond^2 by 2% (by up to 90% at worst: the basis is then
+# still within a factor 3 of orthonormal).
+_FLOAT32_GRAM_MAX_COND = 300.0
 # Power iterations normalise an iterate only when the next product would make it more
-# ill-conditioned than this (one float32-Gram pass must still handle it).
-_SKIP_COND = _FLOAT32_GRAM_MAX_COND
+# ill-conditioned than this (well inside what one float32-Gram pass handles, as the spread per
+# product is only estimated).
+_SKIP_COND = 100.0
 # The SVD of B = Q^T A comes from B B^T's eigenvectors when its top k singular values span at
 # most this factor (V = B^T X S^-1 then loses at most this many ulps), else from CholeskyQR2.
 _GRAM_SVD_MAX_COND = 10.0
@@ -133,11 +142,11 @@ class _Csr:
     def sketch(self, k: int, kind: str, density: float, scale: float, seed: int, offset: int) -> torch.Tensor:
         args = (self.crow, self.col, self.values, self.row_scale, self.col_scale, self.shape[1], k, kind, density,
                 scale, seed, offset, self.dtype)
-        name = _registry.forced()
-        if name is None:
+        impl = _registry.forced_for("linalg_sketch_csr", self.device)
+        if impl is None:
             return torch.ops.diffcore.linalg_sketch_csr(*args)
         out = torch.empty((self.shape[0], k), dtype=self.dtype, device=self.device)
-        _forced("linalg_sketch_csr", name, self.device)(*args, out)
+        impl(*args, out)
         return out
 
 
@@ -149,7 +158,7 @@ def _spmm(*args) -> torch.Tensor:
     if name is None or name not in _registry.implementations("sparse_spmm"):
         return torch.ops.diffcore.sparse_spmm(*args)
     out = torch.empty((args[0].numel() - 1, x.shape[1]), dtype=x.dtype, device=x.device)
-    _forced("sparse_spmm", name, x.device)(*args, out)
+    _registry.forced_for("sparse_spmm", x.device)(*args, out)
     return out
 
 
@@ -167,10 +176,10 @@ def _csr(crow, col, values, t_crow, t_col, t_values, shape, dtype) -> _Csr:
     """A :class:`_Csr` from CSR arrays of A (column indices sorted within each row, no repeats) and
     of A^T: values checked, and stored as None for a binary matrix, float32 when exactly float32."""
     m, n = shape
-    if values.numel() and not bool(torch.isfinite(values).all()):
-        raise ValueError("A: expected finite values, found NaN or Inf")
     if bool((values == 1).all()):
-        values = t_values = None  # a binary matrix: the kernels skip the value loads
+        values = t_values = None  # a binary matrix (finite): the kernels skip the value loads
+    elif not bool(torch.isfinite(values).all()):
+        raise ValueError("A: expected finite values, found NaN or Inf in its stored entries")
     elif torch.equal(values.float().to(values.dtype), values):
         values, t_values = values.float().contiguous(), t_values.float().contiguous()
     else:
@@ -185,14 +194,15 @@ def _from_torch_sparse(A: torch.Tensor) -> _Csr:
     if A.dim() != 2:
         raise ValueError(f"A: expected a 2-D matrix, got a {A.dim()}-D sparse tensor of shape {tuple(A.shape)}")
     dtype = _real_dtype("A", A.dtype, "; convert with A.to(torch.float32)")
+    if A.layout not in (torch.sparse_coo, torch.sparse_csr):
+        raise TypeError(f"A: expected a strided, sparse COO or sparse CSR tensor, got layout {A.layout}")
+    _check_nonempty(tuple(A.shape), f"a torch {str(A.layout).removeprefix('torch.')} tensor")
     if A.layout == torch.sparse_csr:
         crow, col = A.crow_indices(), A.col_indices().long()
         rows = torch.repeat_interleave(torch.arange(A.shape[0], device=crow.device), crow.diff())
         key = rows * A.shape[1] + col
         if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
             A = A.to_sparse_coo()
-    elif A.layout != torch.sparse_coo:
-        raise TypeError(f"A: expected a strided, sparse COO or sparse CSR tensor, got layout {A.layout}")
     if A.layout == torch.sparse_coo:
         if A._values().dim() != 1:
             raise ValueError(f"A: expected scalar values (a 2-D sparse matrix), got values of shape "
@@ -212,8 +222,12 @@ def _from_scipy(A) -> _Csr:
     dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}.get(A.dtype)
     if dtype is None:
         raise TypeError(f"A: expected float32 or float64 values, got {A.dtype}; convert with A.astype(np.float32)")
-    csr = sp.csr_matrix(A, copy=True)  # A itself stays untouched
-    csr.sum_duplicates()  # sorts the column indices within rows, sums repeats
+    _check_nonempty(A.shape, f"a scipy.sparse {type(A).__name__}")
+    if A.format == "csr" and A.has_canonical_format and A.data.flags.writeable and A.indices.flags.writeable:
+        csr = A  # sorted column indices, no repeats (scipy caches the check): only read, never written
+    else:
+        csr = sp.csr_matrix(A, copy=True)  # A itself stays untouched
+        csr.sum_duplicates()  # sorts the column indices within rows, sums repeats
     csc = csr.tocsc()  # the CSR arrays of A^T
 
     def arrays(M):
@@ -229,8 +243,11 @@ def _from_adjacency(adj: Adjacency) -> _Csr:
 
 
 def _operand(A: object) -> torch.Tensor | _Csr:
-    """A dense 2-D float32/float64 tensor as it is, or a sparse matrix as :class:`_Csr`."""
+    """A dense 2-D float32/float64 tensor as it is, or a sparse matrix as :class:`_Csr`; raises
+    for anything else (TypeError: not a matrix type diffcore takes, or integer/half values;
+    ValueError: not 2-D, no rows or no columns, NaN or Inf in a sparse matrix's values)."""
     if isinstance(A, Adjacency):
+        _check_nonempty(A.shape, "a diffcore.sparse.Adjacency")
         return _from_adjacency(A)
     if isinstance(A, torch.Tensor):
         if A.layout != torch.strided:
@@ -238,6 +255,7 @@ def _operand(A: object) -> torch.Tensor | _Csr:
         if A.dim() != 2:
             raise ValueError(f"A: expected a 2-D matrix, got a {A.dim()}-D tensor of shape {tuple(A.shape)}")
         _real_dtype("A", A.dtype, "; convert with A.to(torch.float32)")
+        _check_nonempty(tuple(A.shape), "a dense tensor")
         return A
     try:
         import scipy.sparse as sp
@@ -251,19 +269,25 @@ def _operand(A: object) -> torch.Tensor | _Csr:
     )
 
 
-def _forced(op: str, name: str, device: torch.device) -> _registry.Implementation:
-    impl = _registry.get(op, name)
-    reason = impl.reason(device)
-    if reason is not None:
-        raise RuntimeError(f"{op}: implementation {name!r} cannot run here: {reason}")
-    return impl
+def _check_nonempty(shape: tuple[int, ...], what: str) -> None:
+    """An (m, n) matrix with m = 0 or n = 0 has no singular triplets and nothing to sketch."""
+    m, n = shape
+    if m == 0 or n == 0:
+        raise ValueError(
+            f"A: expected a non-empty matrix (at least 1 row and 1 column), got {what} of shape {(m, n)}"
+        )
 
 
 # --- sketches -------------------------------------------------------------------------------------
+def _is_int(value: object) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def _seed_offset(seed: object, offset: object) -> tuple[int, int]:
@@ -278,11 +302,11 @@ def _apply_sketch(A: torch.Tensor | _Csr, k: int, kind: str, density: float, sca
                   offset: int) -> torch.Tensor:
     if isinstance(A, _Csr):
         return A.sketch(k, kind, density, scale, seed, offset)
-    name = _registry.forced()
-    if name is None:
+    impl = _registry.forced_for("linalg_sketch", A.device)
+    if impl is None:
         return torch.ops.diffcore.linalg_sketch(A, k, kind, density, scale, seed, offset)
     out = torch.empty((A.shape[0], k), dtype=A.dtype, device=A.device)
-    _forced("linalg_sketch", name, A.device)(A, k, kind, density, scale, seed, offset, out)
+    impl(A, k, kind, density, scale, seed, offset, out)
     return out
 
 
@@ -297,8 +321,15 @@ def sketch(A: object, k: int, seed: int = 0, *, offset: int = 0) -> torch.Tensor
         k: columns of the sketch, >= 1.
         seed, offset: the stream; Omega[i, j] is its element ``i * k + j``.
     Returns:
-        (m, k) in A's dtype (float32 for an Adjacency). An empty A gives an empty or zero sketch.
-        NaN or Inf in A raise (inside the kernel, so a compiled graph does not break).
+        (m, k) in A's dtype (float32 for an Adjacency); k may exceed m and n. A sparse A without
+        nonzeros gives zeros.
+    Raises:
+        ValueError: A is not 2-D, or empty (no rows or no columns: m == 0 or n == 0); k < 1;
+            NaN or Inf in a sparse A's values.
+        RuntimeError: NaN or Inf in a dense A (found by the kernel, so a compiled graph does
+            not break).
+        TypeError: A is not one of the types above, or its values are not float32/float64
+            (integer, bool, half: convert first).
     """
     return random_projection(A, k, "gaussian", seed, offset=offset, _scaled=False)
 
@@ -327,6 +358,9 @@ def random_projection(
         seed, offset: the stream; Omega[i, j] comes from its element ``i * k + j``.
     Returns:
         (m, k) in A's dtype.
+    Raises:
+        As :func:`sketch` (A not 2-D, empty, non-finite or not float32/float64; k < 1), and
+        ValueError for an unknown kind or a density outside (0, 1] or given with another kind.
     """
     k = _positive_int("k", k)
     if not isinstance(kind, str) or kind not in KINDS:
@@ -348,14 +382,18 @@ def random_projection(
 
 
 # --- orthonormalisation ---------------------------------------------------------------------------
-# The tall-skinny products (Gram matrices Y^T Y, Y R^-1) run in torch; the small (l x l) float64
-# factorisations run in numpy on the CPU: LAPACK on a matrix this small needs no threads (a
-# parallel region would cost more than the work), and torch's SVD of it changes its last bits
-# with the thread count while numpy's does not. With MKL's GEMMs also independent of the thread
-# count (they do not split their sums), a seed gives the same result for any torch.get_num_threads.
+# The tall-skinny products (Gram matrices Y^T Y, Y R^-1) run in torch on torch's threads; the
+# small (l x l) float64 factorisations and products run in torch on the CPU on one thread
+# (_one_thread): LAPACK on a matrix this small needs no threads (a parallel region would cost
+# more than the work), one thread gives the same last bits for any torch.get_num_threads, and
+# numpy (OpenBLAS) would start threads of its own that keep spinning after the call: on a
+# 2-core machine, the torch operations of the next ~50 ms then ran 5 to 20 times slower. With
+# MKL's GEMMs also independent of the thread count (they do not split their sums), a seed gives
+# the same result for any torch.get_num_threads.
 @contextlib.contextmanager
 def _one_thread():
-    """Runs a tall Householder QR on one thread: LAPACK blocks it by thread count."""
+    """Runs small LAPACK calls and a tall Householder QR on one thread (LAPACK blocks the QR by
+    thread count)."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield
@@ -367,44 +405,95 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _small(X: torch.Tensor) -> np.ndarray:
-    return X.detach().to("cpu", torch.float64).numpy()
+def _small(X: torch.Tensor) -> torch.Tensor:
+    """A small matrix as float64 on the CPU."""
+    return X.detach().to("cpu", torch.float64)
 
 
-def _cholesky_factor(G: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+def _mm(*factors: torch.Tensor) -> torch.Tensor:
+    """The product of small float64 matrices, on one thread."""
+    with _one_thread():
+        out = factors[0]
+        for f in factors[1:]:
+            out = out @ f
+        return out
+
+
+def _svdvals(X: torch.Tensor) -> torch.Tensor:
+    with _one_thread():
+        return torch.linalg.svdvals(X)
+
+
+def _inverse_upper(R: torch.Tensor) -> torch.Tensor:
+    """R^-1 of an upper triangular float64 R (a triangular solve), on one thread."""
+    with _one_thread():
+        return torch.linalg.solve_triangular(R, torch.eye(R.shape[0], dtype=R.dtype), upper=True)
+
+
+def _cholesky_factor(G: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
     """The upper Cholesky factor R (G = R^T R) of a float64 Gram matrix, its condition number and
     its norm (Y's, for G = Y^T Y), or None when Cholesky fails or R is too ill-conditioned to trust."""
-    try:
-        L = np.linalg.cholesky(G)
-    except np.linalg.LinAlgError:
-        return None
-    if not np.isfinite(L).all():
-        return None
-    sv = np.linalg.svd(L, compute_uv=False)
+    with _one_thread():
+        L, info = torch.linalg.cholesky_ex(G)
+        if int(info) != 0 or not bool(torch.isfinite(L).all()):
+            return None
+        sv = torch.linalg.svdvals(L)
     cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
-    return (L.T, cond, float(sv[0])) if cond <= _CHOL_MAX_COND else None
+    return (L.mT, cond, float(sv[0])) if cond <= _CHOL_MAX_COND else None
 
 
-def _gram(Y: torch.Tensor, float64: bool = True) -> np.ndarray:
-    """Y^T Y, accumulated in float64 (or in Y's dtype when not ``float64``)."""
+def _gram(Y: torch.Tensor, n: int | None = None, float64: bool = True) -> torch.Tensor:
+    """The Gram matrix of Y's first n columns (all by default), accumulated in float64 (or in Y's
+    dtype when not ``float64``), as float64 on the CPU. Y's other columns must be zero (a
+    :func:`_pad` buffer): the product runs over the whole buffer, whose contiguous rows make a
+    faster GEMM."""
     Y = Y.double() if float64 else Y
-    return _small(Y.mT @ Y)
+    G = _small(Y.mT @ Y)
+    return G if n is None else G[:n, :n]
 
 
-def _apply_inverse(Y: torch.Tensor, R: np.ndarray) -> torch.Tensor:
-    """``Y R^-1`` (R upper triangular), in Y's dtype."""
-    R_inv = np.linalg.solve(R, np.eye(R.shape[0]))
-    return Y @ torch.from_numpy(R_inv).to(device=Y.device, dtype=Y.dtype)
+def _apply_inverse(Y: torch.Tensor, R: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """``Y R^-1`` (R upper triangular, n x n), in Y's dtype: Y's first n columns times R^-1 (its
+    other columns must be zero), as a (rows x width) buffer whose columns past n are zero
+    (width n by default; :func:`_pad`)."""
+    n, w = R.shape[0], Y.shape[1]
+    R_inv = torch.zeros((w, n if width is None else width), dtype=torch.float64)
+    R_inv[:n, :n] = _inverse_upper(R)
+    return Y @ R_inv.to(device=Y.device, dtype=Y.dtype)
 
 
-def _householder(Y: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, float, float]:
+def _pad(Y: torch.Tensor, width: int | None) -> torch.Tensor:
+    """Y (rows x n) as the left part of a (rows x width) buffer whose other columns are zero.
+
+    randomized_svd keeps its iterates in such buffers: ``diffcore.sparse``'s SpMM vectorises a
+    row over whole SIMD vectors and finishes with a scalar loop, so with a CSR operand an iterate
+    of l = 74 columns (4 float32 vectors of 16 and 10 scalars per nonzero) takes about twice as
+    long as one of 80 (5 vectors); MKL's GEMMs (a dense operand's products, the Gram matrices, the
+    ``Y R^-1``) are 10-25% faster on 80 contiguous columns than on 74 as well. The zero columns
+    stay zero through every product and enter no factorisation: they change no result."""
+    if width is None or width == Y.shape[1]:
+        return Y
+    out = Y.new_zeros((Y.shape[0], width))
+    out[:, : Y.shape[1]] = Y
+    return out
+
+
+def _padded_width(dtype: torch.dtype, columns: int) -> int:
+    """The width of randomized_svd's iterate buffers: ``columns`` rounded up to whole 64-byte
+    vectors (:func:`_pad`)."""
+    lanes = 64 // (torch.finfo(dtype).bits // 8)  # elements per 64-byte vector
+    return -(-columns // lanes) * lanes
+
+
+def _householder(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     with _one_thread():
         Q, R = torch.linalg.qr(Y)
     R = _small(R)
     return (Q, R, *_cond_norm(R))
 
 
-def _cholqr2(Y: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, np.ndarray, float, float]:
+def _cholqr2(Y: torch.Tensor, final: bool = True, width: int | None = None, n: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Q (m x n, Y's dtype), R (n x n, float64, upper triangular) with Y = Q R, cond(Y), ||Y||_2:
     CholeskyQR2, shifted CholeskyQR3 or Householder QR, whichever first succeeds.
 
@@ -416,43 +505,52 @@ def _cholqr2(Y: torch.Tensor, final: bool = True) -> tuple[torch.Tensor, np.ndar
 
     ``final=False`` asks only for a well-conditioned basis of Y's span (a power iteration's
     iterate): one pass, from a float32 Gram matrix when Y is float32 and well-conditioned enough
-    (cond <= _FLOAT32_GRAM_MAX_COND) for its rounding not to matter."""
+    (cond <= _FLOAT32_GRAM_MAX_COND) for its rounding not to matter.
+
+    ``n``: Y is a zero-padded buffer (:func:`_pad`) of n columns (all of Y's by default);
+    ``width``: Q comes as a zero-padded (m x width) buffer (width n by default)."""
+    n = Y.shape[1] if n is None else n
+
+    def householder():
+        Q, R, cond, norm = _householder(Y[:, :n])
+        return _pad(Q, width), R, cond, norm
+
     if not final and Y.dtype == torch.float32:
-        factor = _cholesky_factor(_gram(Y, float64=False))
+        factor = _cholesky_factor(_gram(Y, n, float64=False))
         if factor is not None and factor[1] <= _FLOAT32_GRAM_MAX_COND:
-            return _apply_inverse(Y, factor[0]), *factor
-    G = _gram(Y)
+            return _apply_inverse(Y, factor[0], width), *factor
+    G = _gram(Y, n)
     factor = _cholesky_factor(G)
     shifted = factor is None
     if shifted:
-        m, n = Y.shape
-        shift = 11 * (m * n + n * (n + 1)) * np.finfo(np.float64).eps * float(np.trace(G))
-        factor = _cholesky_factor(G + shift * np.eye(n)) if shift > 0 else None
+        m = Y.shape[0]
+        shift = 11 * (m * n + n * (n + 1)) * torch.finfo(torch.float64).eps * float(G.trace())
+        factor = _cholesky_factor(G + shift * torch.eye(n, dtype=torch.float64)) if shift > 0 else None
         if factor is None:
-            return _householder(Y)
+            return householder()
     R = factor[0]
-    Q = _apply_inverse(Y, R)
+    Q = _apply_inverse(Y, R, width)
     if not final and not shifted:
         return Q, *factor
     for _ in range(_MAX_EXTRA_PASSES):
-        factor = _cholesky_factor(_gram(Q))
+        factor = _cholesky_factor(_gram(Q, n))
         if factor is None:  # the damped directions of a rank-deficient Y: nothing to complete them
-            return _householder(Y)
-        Q = _apply_inverse(Q, factor[0])
-        R = factor[0] @ R
+            return householder()
+        Q = _apply_inverse(Q, factor[0], width)
+        R = _mm(factor[0], R)
         if factor[1] <= _NEAR_ORTHONORMAL:
             return Q, R, *_cond_norm(R)
-    return _householder(Y)
+    return householder()
 
 
-def _cond_norm(R: np.ndarray) -> tuple[float, float]:
-    sv = np.linalg.svd(R, compute_uv=False)
+def _cond_norm(R: torch.Tensor) -> tuple[float, float]:
+    sv = _svdvals(R)
     return (float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf), float(sv[0])
 
 
-def _numerical_rank(sv: np.ndarray, shape: tuple[int, int], dtype: torch.dtype) -> tuple[int, float]:
+def _numerical_rank(sv: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> tuple[int, float]:
     """numpy's ``matrix_rank`` rule: singular values above ``max(sv) max(m, n) eps(dtype)``."""
-    tol = float(sv.max()) * max(shape) * torch.finfo(dtype).eps if sv.size else 0.0
+    tol = float(sv.max()) * max(shape) * torch.finfo(dtype).eps if sv.numel() else 0.0
     return int((sv > tol).sum()), tol
 
 
@@ -475,7 +573,7 @@ def cholqr2(Y: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(Y).all()):
         raise ValueError("Y: expected finite values, found NaN or Inf")
     Q, R, _, _ = _cholqr2(Y)
-    rank, tol = _numerical_rank(np.linalg.svd(R, compute_uv=False), tuple(Y.shape), Y.dtype)
+    rank, tol = _numerical_rank(_svdvals(R), tuple(Y.shape), Y.dtype)
     if rank < Y.shape[1]:
         warnings.warn(
             f"cholqr2: Y ({Y.shape[0]} x {Y.shape[1]}) is numerically rank-deficient (rank {rank}: singular values "
@@ -498,38 +596,109 @@ def _lu_basis(Y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _normalize(Y: torch.Tensor, normalizer: str, final: bool) -> tuple[torch.Tensor, float, float]:
-    """The next iterate from Y (orthonormal when ``final``: the basis B is made from) and, for
-    cholqr2, Y's condition number and norm (the normalizers that do not measure them give inf)."""
+def _normalize(Y: torch.Tensor, normalizer: str, width: int, n: int) -> tuple[torch.Tensor, float, float]:
+    """A power iteration's next iterate from Y (its first n columns; the others zero), as a
+    zero-padded (rows x width) buffer (:func:`_pad`), and, for cholqr2, Y's condition number and
+    norm (the normalizers that do not measure them give inf)."""
     if normalizer == "cholqr2":
-        Q, _, cond, norm = _cholqr2(Y, final)
+        Q, _, cond, norm = _cholqr2(Y, False, width, n)
         return Q, cond, norm
-    if normalizer == "qr" or final:
-        return _householder(Y)[0], math.inf, math.inf
+    Y = Y[:, :n]
+    if normalizer == "qr":
+        return _pad(_householder(Y)[0], width), math.inf, math.inf
     if normalizer == "lu":
-        return _lu_basis(Y), math.inf, math.inf
+        return _pad(_lu_basis(Y), width), math.inf, math.inf
     top = float(Y.abs().max())  # "none": a power-of-two rescaling (exact), so nothing overflows
-    return (Y * 2.0 ** -math.frexp(top)[1] if top > 0 else Y), math.inf, math.inf
+    return _pad(Y * 2.0 ** -math.frexp(top)[1] if top > 0 else Y, width), math.inf, math.inf
 
 
-def _small_svd(operand: torch.Tensor | _Csr, Q: torch.Tensor, k: int, dtype: torch.dtype):
-    """U (m x k), S (k,), V (n x k) of B = Q^T A (Q orthonormal) from B^T = A^T Q (n x l).
+def _flip_signs(U: torch.Tensor) -> torch.Tensor:
+    """Flips U's columns in place so that the entry of largest magnitude of each is positive (the
+    first such entry: scikit-learn's ``svd_flip``), and returns the signs (1 or -1).
+
+    From U's column minima and maxima (two fast reductions; torch's aminmax and argmax along
+    the columns are ten times slower); only a column whose largest positive and negative
+    entries tie in magnitude looks for the first one (argmax)."""
+    low, high = U.amin(0), U.amax(0)
+    signs = torch.where(high > -low, 1.0, -1.0).to(U.dtype)
+    tied = (high == -low).nonzero().flatten()
+    if tied.numel():
+        cols = U[:, tied]
+        first = cols[cols.abs().argmax(0), torch.arange(tied.numel(), device=U.device)]
+        signs[tied] = torch.where(first < 0, -1.0, 1.0).to(U.dtype)
+    U.mul_(signs)
+    return signs
+
+
+def _final_basis(Y: torch.Tensor, normalizer: str, width: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An orthonormal basis of the span of Y's first n columns (the others zero; the basis B is
+    made from) as ``P[:, :n] M``: P a zero-padded (m x width) buffer (:func:`_pad`), M (n x n,
+    float64) or None (the identity).
+
+    Householder QR for every normalizer but cholqr2. For cholqr2, CholeskyQR2 with its second
+    product left to the (n x n) factors that follow: pass 1 takes a float32 Gram matrix when Y
+    is float32 and well-conditioned enough for it (as a power iteration's iterate), else the
+    float64 one; pass 2 factors the Gram matrix of P = Y R1^-1 (in Y's dtype: P is near
+    orthonormal, so a float32 Gram matrix's rounding, about 2e-7 at 40,000 rows, is all that is
+    left of its loss of orthogonality, below what the float32 products round to: U's columns
+    were orthonormal to 4.7e-7 on Gowalla, 4.4e-7 with a float64 Gram matrix), and when that is
+    near-orthonormal (cond <= _NEAR_ORTHONORMAL), M = R2^-1 is returned instead of applied.
+    Anything else runs :func:`_cholqr2` (float64 Gram matrices, shifts, more passes,
+    Householder QR)."""
+    if normalizer != "cholqr2":
+        return _pad(_householder(Y[:, :n])[0], width), None
+    factor = None
+    if Y.dtype == torch.float32:
+        factor = _cholesky_factor(_gram(Y, n, float64=False))
+        if factor is not None and factor[1] > _FLOAT32_GRAM_MAX_COND:
+            factor = None
+    if factor is None:
+        factor = _cholesky_factor(_gram(Y, n))
+    if factor is not None:
+        P = _apply_inverse(Y, factor[0], width)
+        second = _cholesky_factor(_gram(P, n, float64=Y.dtype != torch.float32))
+        if second is not None and second[1] <= _NEAR_ORTHONORMAL:
+            return P, _inverse_upper(second[0])
+    return _cholqr2(Y, True, width, n)[0], None
+
+
+def _small_svd(operand: torch.Tensor | _Csr, Y: torch.Tensor, M: torch.Tensor | None, n_cols: int, k: int,
+               dtype: torch.dtype):
+    """U (m x k), S (k,), V (n x k) of B = Q^T A, Q = Y[:, :l] M orthonormal (l = n_cols;
+    :func:`_final_basis`; Y's other columns zero), from B^T = A^T Q = W M (W = A^T Y, n x l),
+    with U's signs fixed (:func:`_flip_signs`) and V's to match.
 
     When the top k singular values span at most _GRAM_SVD_MAX_COND, from the eigenvectors X of
-    the float64 Gram matrix B B^T = X S^2 X^T: U = Q X, V = B^T X S^-1 (V's rounding grows with
-    S_0 / S_k, so only then). Otherwise B^T = Qb Rb by CholeskyQR2 and Rb = W S X^T: U = Q X,
-    V = Qb W."""
-    Bt = _matmul(operand, Q, transpose=True)
-    evals, X = np.linalg.eigh(_gram(Bt))
-    evals, X = np.maximum(evals[::-1], 0.0), X[:, ::-1]
-    S = np.sqrt(evals)
+    the float64 Gram matrix B B^T = M^T (W^T W) M = X S^2 X^T: U = Q X, V = B^T X S^-1 (V's
+    rounding grows with S_0 / S_k, so only then). Otherwise B^T = Qb Rb by CholeskyQR2 and
+    Rb = W S X^T: U = Q X, V = Qb W. M, the signs and S^-1 are applied to the (l x k) factors
+    before the products with the tall matrices (padded with zero rows to Y's width)."""
+    M = torch.eye(n_cols, dtype=torch.float64) if M is None else M
+    W = _matmul(operand, Y, transpose=True)
+    G = _gram(W, n_cols)
+    with _one_thread():
+        evals, X = torch.linalg.eigh(M.mT @ G @ M)
+    evals, X = evals.flip(0).clamp_min(0.0), X.flip(1)
+    S = evals.sqrt()
+
+    def tensor(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """x (float64) in the results' dtype and device, with zero rows appended up to ``rows``."""
+        if rows is not None and rows > x.shape[0]:
+            x = torch.cat([x, x.new_zeros((rows - x.shape[0], x.shape[1]))])
+        return x.to(device=Y.device, dtype=dtype).contiguous()
+
+    width = Y.shape[1]
     if S[k - 1] > 0 and S[0] <= _GRAM_SVD_MAX_COND * S[k - 1]:
-        Xk = torch.from_numpy(np.ascontiguousarray(X[:, :k])).to(device=Q.device, dtype=dtype)
-        S_k = torch.from_numpy(S[:k].copy()).to(device=Q.device, dtype=dtype)
-        return Q @ Xk, S_k, (Bt @ Xk) / S_k
-    Qb, Rb, _, _ = _cholqr2(Bt)
-    W, S, Xh = (torch.from_numpy(x).to(device=Q.device, dtype=dtype) for x in np.linalg.svd(Rb))
-    return (Q @ Xh.mT)[:, :k], S[:k], Qb @ W[:, :k]
+        MX = tensor(_mm(M, X[:, :k]), width)
+        U = Y @ MX
+        signs = _flip_signs(U)
+        return U, tensor(S[:k]), W @ (MX * (signs / tensor(S[:k])))
+    Qb, Rb, _, _ = _cholqr2(W @ tensor(M, width), n=n_cols)
+    with _one_thread():
+        Wb, S, Xh = torch.linalg.svd(Rb)
+    U = Y @ tensor(_mm(M, Xh[:k].mT), width)
+    signs = _flip_signs(U)
+    return U, tensor(S[:k]), Qb @ (tensor(Wb[:, :k]) * signs)
 
 
 # --- randomized SVD -------------------------------------------------------------------------------
@@ -542,6 +711,7 @@ def _n_iter(n_iter: object, k: int, m: int, n: int) -> int:
 
 
 def _matmul(A: torch.Tensor | _Csr, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``A X`` or ``A^T X``; a zero-padded X (:func:`_pad`) gives a zero-padded product."""
     if isinstance(A, _Csr):
         return A.matmul(X, transpose)
     return (A.mT if transpose else A) @ X
@@ -550,7 +720,8 @@ def _matmul(A: torch.Tensor | _Csr, X: torch.Tensor, transpose: bool = False) ->
 def _check_finite(A: torch.Tensor | _Csr) -> None:
     if isinstance(A, _Csr):
         return  # checked when the CSR arrays were built (an Adjacency checks its own values)
-    if A.numel() and not bool(torch.isfinite(A).all()):
+    low, high = torch.aminmax(A)  # NaN propagates; one pass with no temporary (isfinite(A).all() is 20x slower)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
         raise ValueError("A: expected finite values, found NaN or Inf")
 
 
@@ -583,14 +754,18 @@ def randomized_svd(
         of U positive. A :class:`RankDeficiencyWarning` says when A's numerical rank is below k
         (``S <= S[0] max(m, n) eps``: those triplets are rounding noise) or when an
         orthonormalisation fell back to Householder QR.
+    Raises:
+        ValueError: A is not 2-D, or empty (m == 0 or n == 0); k is not an int in
+            [1, min(m, n)]; NaN or Inf in A; a bad oversample, n_iter or normalizer.
+        TypeError: A is not one of the types above, or its values are not float32/float64
+            (integer, bool, half: convert first).
     """
     operand = _operand(A)
     m, n = operand.shape
     dtype = operand.dtype
-    if m == 0 or n == 0:
-        raise ValueError(f"A: expected a non-empty matrix, got shape {(m, n)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
+    if not _is_int(k) or not 1 <= k <= min(m, n):
         raise ValueError(f"k: expected an int in [1, min(m, n)] = [1, {min(m, n)}] for A of shape {(m, n)}, got {k!r}")
+    k = int(k)
     if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
         raise ValueError(f"oversample: expected a non-negative int, got {oversample!r}")
     if not isinstance(normalizer, str) or normalizer not in NORMALIZERS:
@@ -604,25 +779,27 @@ def randomized_svd(
     # `growth` (both measured at the last normalisation); with cholqr2, an iterate is normalised
     # only when the next product would take it past what one float32-Gram pass handles
     # (_SKIP_COND) or towards overflow, and always after the last product.
-    Y, cond, norm = _normalize(_apply_sketch(operand, l, "gaussian", ACHLIOPTAS_DENSITY, 1.0, seed, 0), normalizer,
-                               q == 0)
-    spread, growth, since = cond, norm, 0
+    # The iterates live in the left l columns of zero-padded buffers of `width` columns (_pad).
+    width = _padded_width(dtype, l)
+    Y = _apply_sketch(operand, l, "gaussian", ACHLIOPTAS_DENSITY, 1.0, seed, 0)
+    M = None  # the basis B is made from: Y[:, :l] M (_final_basis)
+    if q == 0:
+        Y, M = _final_basis(Y, normalizer, width, l)
+    else:
+        Y, cond, norm = _normalize(Y, normalizer, width, l)
+        spread, growth, since = cond, norm, 0
     overflow = torch.finfo(dtype).max ** 0.25
     for j in range(2 * q):
         Y = _matmul(operand, Y, transpose=j % 2 == 0)
         since += 1
-        last = j == 2 * q - 1
-        if last or spread ** (since + 1) > _SKIP_COND or growth ** (since + 1) > overflow:
-            Y, cond, norm = _normalize(Y, normalizer, last)
+        if j == 2 * q - 1:
+            Y, M = _final_basis(Y, normalizer, width, l)
+        elif spread ** (since + 1) > _SKIP_COND or growth ** (since + 1) > overflow:
+            Y, cond, norm = _normalize(Y, normalizer, width, l)
             spread, growth, since = cond ** (1 / since), norm ** (1 / since), 0
-    U, S, V = _small_svd(operand, Y, k, dtype)
-    Vh = V.mT
-    rows = U.abs().argmax(0)
-    signs = torch.sign(U[rows, torch.arange(k, device=U.device)])
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    U, Vh = U * signs, Vh * signs[:, None]
+    U, S, V = _small_svd(operand, Y, M, l, k, dtype)
     _warn_rank(S, m, n, dtype, k)
-    return U, S, Vh
+    return U, S, V.mT
 
 
 def _warn_rank(S: torch.Tensor, m: int, n: int, dtype: torch.dtype, k: int) -> None:

@@ -1,10 +1,11 @@
 """Linalg family: every implementation of the sketch ops against the reference (dense and CSR, every
 kind of Omega, dtypes, layouts, odd shapes, offsets), Omega's definition, random projections'
 norms, randomized_svd's accuracy contract (synthetic spectra and a Gowalla-shaped interaction
-matrix, against a full SVD or scipy's svds and scikit-learn's algorithm at the same k,
-oversampling and iterations), orthonormality, the sign convention, reproducibility across thread
-counts, CholeskyQR2's fallbacks, the memory of a sketch (Omega is never stored), gradients,
-opcheck, one compile and bad input."""
+matrix, against a full SVD or scipy's svds and scikit-learn's randomized_svd at the same k,
+oversampling and iterations; the comparisons with scikit-learn skip without it),
+orthonormality, the sign convention, reproducibility across thread counts, CholeskyQR2's
+fallbacks, the memory of a sketch (Omega is never stored), gradients, opcheck, one compile and
+bad input for every input form (empty, not 2-D, non-finite, non-float, bad k)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import warnings
 
 import numpy as np
 import pytest
-import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
@@ -97,57 +97,10 @@ def synthetic(m, n, spectrum, seed=0, dtype=torch.float64):
     return ((U * torch.as_tensor(spectrum, dtype=torch.float64)) @ V.T).to(dtype)
 
 
-# --- scikit-learn's randomized_svd, transcribed (sklearn.utils.extmath, 1.5) ------------------
-def _svd_flip(u, v, u_based_decision=True):
-    if u_based_decision:
-        rows = np.argmax(np.abs(u), axis=0)
-        signs = np.sign(u[rows, range(u.shape[1])])
-    else:
-        cols = np.argmax(np.abs(v), axis=1)
-        signs = np.sign(v[range(v.shape[0]), cols])
-    return u * signs, v * signs[:, None]
-
-
-def sklearn_randomized_svd(M, n_components, *, n_oversamples=10, n_iter="auto", power_iteration_normalizer="auto",
-                           random_state=0):
-    """scikit-learn's randomized_svd (with its randomized_range_finder) when scikit-learn is
-    installed, else this transcription of it: numpy Gaussian Omega, LU power iterations (none
-    for n_iter <= 2), economic QR, SVD of Q^T M, svd_flip; M transposed when it is wide."""
-    try:
-        from sklearn.utils.extmath import randomized_svd
-    except ImportError:
-        pass
-    else:
-        return randomized_svd(M, n_components, n_oversamples=n_oversamples, n_iter=n_iter,
-                              power_iteration_normalizer=power_iteration_normalizer, random_state=random_state)
-    rs = np.random.RandomState(random_state)
-    n_random = n_components + n_oversamples
-    n_samples, n_features = M.shape
-    if n_iter == "auto":
-        n_iter = 7 if n_components < 0.1 * min(M.shape) else 4
-    transpose = n_samples < n_features
-    if transpose:
-        M = M.T
-    Q = rs.normal(size=(M.shape[1], n_random)).astype(M.dtype, copy=False)
-    if power_iteration_normalizer == "auto":
-        power_iteration_normalizer = "none" if n_iter <= 2 else "LU"
-    for _ in range(n_iter):
-        if power_iteration_normalizer == "none":
-            Q = M.T @ (M @ Q)
-        elif power_iteration_normalizer == "LU":
-            Q, _ = sla.lu(M @ Q, permute_l=True)
-            Q, _ = sla.lu(M.T @ Q, permute_l=True)
-        else:
-            Q, _ = sla.qr(M @ Q, mode="economic")
-            Q, _ = sla.qr(M.T @ Q, mode="economic")
-    Q, _ = sla.qr(M @ Q, mode="economic")
-    B = np.asarray((M.T @ Q).T)
-    Uhat, s, Vt = sla.svd(B, full_matrices=False, lapack_driver="gesdd")
-    U = Q @ Uhat
-    U, Vt = _svd_flip(U, Vt, u_based_decision=not transpose)
-    if transpose:
-        return Vt[:n_components].T, s[:n_components], U[:, :n_components].T
-    return U[:, :n_components], s[:n_components], Vt[:n_components]
+def sklearn_randomized_svd():
+    """scikit-learn's ``sklearn.utils.extmath.randomized_svd``; skips the test without scikit-learn
+    (``pip install .[test]`` installs it)."""
+    return pytest.importorskip("sklearn.utils.extmath").randomized_svd
 
 
 def errors(A_dense: np.ndarray, truth: np.ndarray, U, S, Vh):
@@ -283,10 +236,12 @@ def test_csr_sketch_tiles_threads_and_large_k():
     torch.testing.assert_close(linalg.sketch(dense, 40, seed=2), outs[0], rtol=0, atol=atol)
 
 
-def test_empty_sketches():
-    assert linalg.sketch(torch.zeros(0, 5), 3).shape == (0, 3)
-    assert torch.equal(linalg.sketch(torch.zeros(4, 0), 3), torch.zeros(4, 3))
-    assert torch.equal(linalg.sketch(sp.csr_matrix((4, 6), dtype=np.float32), 3), torch.zeros(4, 3))
+def test_zero_sparse_matrix_sketches_to_zeros():
+    """A sparse matrix without nonzeros is a zero matrix, not an empty one: its sketch is zeros."""
+    expected = torch.zeros(4, 3)
+    for form, operand in sparse_inputs(sp.csr_matrix((4, 6), dtype=np.float32), torch.float32).items():
+        assert torch.equal(linalg.sketch(operand, 3), expected), form
+        assert torch.equal(linalg.random_projection(operand, 3, "sparse"), expected), form
 
 
 def test_sketch_gradient():
@@ -386,6 +341,7 @@ def test_accuracy_synthetic_vs_sklearn(spectrum, dtype, one_thread):
     k, oversampling, iterations and normalizer (its default "auto" for cholqr2): within 1.5x its
     singular-value error and 1% of its residual (1.5x for "none"), or at rounding level. Every
     normalizer in float32; cholqr2 with 1 and "auto" (4) iterations in float64."""
+    sk_randomized_svd = sklearn_randomized_svd()
     sigma = SPECTRA[spectrum]()
     A = synthetic(240, 160, sigma, seed=1, dtype=dtype)
     A_np = A.double().numpy()
@@ -398,8 +354,8 @@ def test_accuracy_synthetic_vs_sklearn(spectrum, dtype, one_thread):
         configs += [("auto", name) for name in ("qr", "lu", "none")]
     for q, normalizer in configs:
         theirs = median_errors(A_np, truth, [
-            sklearn_randomized_svd(A.numpy(), k, n_oversamples=p, n_iter=q,
-                                   power_iteration_normalizer=SKLEARN_NORMALIZER[normalizer], random_state=s)
+            sk_randomized_svd(A.numpy(), k, n_oversamples=p, n_iter=q,
+                              power_iteration_normalizer=SKLEARN_NORMALIZER[normalizer], random_state=s)
             for s in SEEDS])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RankDeficiencyWarning)
@@ -414,29 +370,49 @@ def test_accuracy_synthetic_vs_sklearn(spectrum, dtype, one_thread):
         assert mine[1] <= max(slack * theirs[1], optimal + 10 * floor), what
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_accuracy_interaction_matrix_vs_svds_and_sklearn(dtype, one_thread):
+INTERACTIONS_K = 16
+
+
+@pytest.fixture(scope="module")
+def interaction_matrix():
     """A Gowalla-shaped binary interaction matrix (power-law degrees, 600 users x 900 items, 9,000
-    interactions), k = 16, defaults (10 oversamples, 7 iterations): singular values against
-    scipy's svds (ARPACK) to 1e-2 of the largest (a flat spectrum: the trailing values converge
-    slowly); singular-value error and residual, median over 5 seeds, no
-    worse than scikit-learn's algorithm; scipy, torch COO/CSR and dense input give the same
-    triplets (the same Omega)."""
+    interactions) as scipy CSR, its dense float64 copy and its top 17 singular values from scipy's
+    svds (ARPACK)."""
     R = interactions(600, 900, 9000, seed=7)
-    R_dense = R.toarray().astype(np.float64)
-    k = 16
-    truth = np.sort(spla.svds(R.astype(np.float64), k=k + 1, random_state=0, solver="arpack")[1])[::-1]
-    R_typed = R.astype(np.float32 if dtype == torch.float32 else np.float64)
-    theirs = median_errors(R_dense, truth, [sklearn_randomized_svd(R_typed, k, random_state=s) for s in SEEDS])
-    mine = median_errors(R_dense, truth, [linalg.randomized_svd(R_typed, k, seed=s) for s in SEEDS])
-    assert mine[0] <= 1.5 * theirs[0], f"(sv err, residual) {mine} vs sklearn {theirs}"
-    assert mine[1] <= 1.01 * theirs[1], f"(sv err, residual) {mine} vs sklearn {theirs}"
+    truth = np.sort(spla.svds(R.astype(np.float64), k=INTERACTIONS_K + 1, random_state=0, solver="arpack")[1])[::-1]
+    return R, R.toarray().astype(np.float64), truth
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_accuracy_interaction_matrix_vs_svds(dtype, interaction_matrix, one_thread):
+    """k = 16, defaults (10 oversamples, 7 iterations): singular values against scipy's svds to
+    1e-2 of the largest (a flat spectrum: the trailing values converge slowly); scipy, torch
+    COO/CSR and dense input give the same triplets (the same Omega)."""
+    R, R_dense, truth = interaction_matrix
+    k = INTERACTIONS_K
     inputs = dict(sparse_inputs(R, dtype), dense=torch.tensor(R_dense, dtype=dtype))
     results = {form: linalg.randomized_svd(operand, k) for form, operand in inputs.items()}
     for form, (U, S, Vh) in results.items():
         assert U.dtype == S.dtype == Vh.dtype == dtype
         assert np.abs(S.double().numpy() - truth[:k]).max() / truth[0] < 1e-2, form
         torch.testing.assert_close(S, results["scipy"][1], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_accuracy_interaction_matrix_vs_sklearn(dtype, interaction_matrix, one_thread):
+    """The same matrix, k = 16, defaults: singular-value error (against svds) and residual
+    ||A - U S Vh||_F, median over 5 seeds, no worse than scikit-learn's randomized_svd with the
+    same k, oversampling and iterations (1.5x its singular-value error, 1% of its residual)."""
+    sk_randomized_svd = sklearn_randomized_svd()
+    R, R_dense, truth = interaction_matrix
+    k = INTERACTIONS_K
+    R_typed = R.astype(np.float32 if dtype == torch.float32 else np.float64)
+    theirs = median_errors(R_dense, truth, [
+        sk_randomized_svd(R_typed, k, n_oversamples=10, n_iter=7, random_state=s) for s in SEEDS])
+    mine = median_errors(R_dense, truth, [
+        linalg.randomized_svd(R_typed, k, oversample=10, n_iter=7, seed=s) for s in SEEDS])
+    assert mine[0] <= 1.5 * theirs[0], f"(sv err, residual) {mine} vs sklearn {theirs}"
+    assert mine[1] <= 1.01 * theirs[1], f"(sv err, residual) {mine} vs sklearn {theirs}"
 
 
 def test_adjacency_matches_its_dense_operator(one_thread):
@@ -550,46 +526,125 @@ def test_rank_deficient_matrix_says_so(one_thread):
 
 
 # --- bad input -----------------------------------------------------------------------------------
+def every_form(dense: np.ndarray) -> dict[str, object]:
+    """The (m, n) matrix ``dense`` as a dense tensor, torch COO, torch CSR, scipy CSR and scipy COO
+    array (in its own dtype; scipy.sparse has no float16)."""
+    t = torch.from_numpy(dense)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        t_csr = t.to_sparse_csr()
+    forms = {"dense": t, "torch_coo": t.to_sparse(), "torch_csr": t_csr}
+    if dense.dtype != np.float16:
+        forms.update(scipy_csr=sp.csr_matrix(dense), scipy_coo_array=sp.coo_array(dense))
+    return forms
+
+
+def entry_points(k: int = 1):
+    """randomized_svd, sketch and every kind of random_projection, with k columns."""
+    return {
+        "randomized_svd": lambda A: linalg.randomized_svd(A, k),
+        "sketch": lambda A: linalg.sketch(A, k),
+        **{f"random_projection {kind}": (lambda A, kind=kind: linalg.random_projection(A, k, kind)) for kind in KINDS},
+    }
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0, 0)], ids=str)
+def test_empty_matrices_raise(shape):
+    """An A without rows or columns raises a ValueError naming A, what was expected and what came
+    (its kind and shape), for every input form and entry point."""
+    operands = every_form(np.zeros(shape, np.float32))
+    if shape[0] == shape[1]:
+        no_nodes = torch.zeros(0, dtype=torch.long)
+        operands["adjacency"] = Adjacency.from_interactions(no_nodes, no_nodes, 0, 0)
+    kinds = {"dense": "a dense tensor", "torch_coo": "a torch sparse_coo tensor", "torch_csr": "a torch sparse_csr "
+             "tensor", "scipy_csr": "a scipy.sparse csr_matrix", "scipy_coo_array": "a scipy.sparse coo_array",
+             "adjacency": "a diffcore.sparse.Adjacency"}
+    for form, A in operands.items():
+        message = (f"A: expected a non-empty matrix \\(at least 1 row and 1 column\\), got {kinds[form]} of shape "
+                   f"\\({shape[0]}, {shape[1]}\\)")
+        for fn in entry_points().values():
+            with pytest.raises(ValueError, match=message):
+                fn(A)
+
+
+def test_bad_k_raises():
+    """k < 1 or k > min(m, n) (randomized_svd), k < 1 (sketches: k > n is a valid sketch), non-int
+    k: a ValueError naming k, its range and A's shape, for every input form; numpy ints are ints."""
+    dense = interactions(10, 8, 30, seed=1).toarray()
+    operands = every_form(dense)
+    adj = Adjacency.from_interactions(*map(torch.tensor, sp.csr_matrix(dense).nonzero()), 10, 8)
+    operands["adjacency"] = adj
+    for form, A in operands.items():
+        m, n = A.shape
+        for k in (0, -1, min(m, n) + 1, 2.0, True, None):
+            with pytest.raises(ValueError, match=f"k: expected an int in \\[1, min\\(m, n\\)\\] = \\[1, {min(m, n)}\\] "
+                               f"for A of shape \\({m}, {n}\\), got {k!r}"):
+                linalg.randomized_svd(A, k)
+        for k in (0, -1, 2.0, True):
+            with pytest.raises(ValueError, match=f"k: expected a positive int, got {k!r}"):
+                linalg.sketch(A, k)
+            with pytest.raises(ValueError, match="k: expected a positive int"):
+                linalg.random_projection(A, k, "rademacher")
+        assert linalg.sketch(A, n + 5).shape == (m, n + 5), form
+    U, S, Vh = linalg.randomized_svd(operands["dense"], np.int64(3))
+    assert U.shape == (10, 3) and S.shape == (3,) and Vh.shape == (3, 8)
+    assert linalg.sketch(operands["scipy_csr"], np.int32(4)).shape == (10, 4)
+
+
+def test_not_2d_raises():
+    """Vectors and batches, dense, torch sparse and scipy sparse: a ValueError naming the dimension."""
+    operands = {
+        "dense 1-D": torch.randn(10), "dense 3-D": torch.randn(2, 10, 8), "dense 0-D": torch.tensor(1.0),
+        "torch_coo 1-D": torch.randn(10).to_sparse(), "torch_coo 3-D": torch.randn(2, 10, 8).to_sparse(),
+        "scipy 1-D": sp.coo_array(np.ones(10, np.float32)),
+    }
+    for form, A in operands.items():
+        for fn in entry_points().values():
+            with pytest.raises(ValueError, match="A: expected a 2-D matrix, got"):
+                fn(A)
+
+
+def test_non_finite_raises():
+    """NaN or Inf anywhere in A, every input form and entry point: randomized_svd and the sparse
+    sketches raise ValueError before any product; a dense sketch finds them in the kernel
+    (RuntimeError, so a compiled graph does not break)."""
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        dense = interactions(10, 8, 30, seed=1).toarray()
+        dense[3, 4] = bad
+        for form, A in every_form(dense).items():
+            for name, fn in entry_points().items():
+                error = RuntimeError if form == "dense" and name != "randomized_svd" else ValueError
+                with pytest.raises(error, match="A: expected finite values, found NaN or Inf"):
+                    fn(A)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.float16], ids=lambda d: np.dtype(d).name)
+def test_non_float_dtypes_raise(dtype):
+    """Integer, bool and half values, every input form and entry point: a TypeError naming A, the
+    dtypes taken and the one given, and how to convert."""
+    dense = interactions(10, 8, 30, seed=1).toarray().astype(dtype)
+    for form, A in every_form(dense).items():
+        convert = "A.astype\\(np.float32\\)" if form.startswith("scipy") else "A.to\\(torch.float32\\)"
+        message = f"A: expected float32 or float64 values, got .*; convert with {convert}"
+        for fn in entry_points().values():
+            with pytest.raises(TypeError, match=message):
+                fn(A)
+
+
 def test_bad_input():
     A = torch.randn(10, 8)
-    for k in (0, -1, 9, 2.0, True):
-        with pytest.raises(ValueError, match="k: expected an int in"):
-            linalg.randomized_svd(A, k)
-    with pytest.raises(ValueError, match="2-D"):
-        linalg.randomized_svd(torch.randn(10), 1)
-    with pytest.raises(ValueError, match="2-D"):
-        linalg.randomized_svd(torch.randn(2, 10, 8), 1)
-    with pytest.raises(ValueError, match="non-empty"):
-        linalg.randomized_svd(torch.zeros(0, 8), 1)
-    with pytest.raises(ValueError, match="non-empty"):
-        linalg.randomized_svd(sp.csr_matrix((5, 0), dtype=np.float32), 1)
-    for bad in (float("nan"), float("inf")):
-        B = A.clone()
-        B[3, 4] = bad
-        with pytest.raises(ValueError, match="finite"):
-            linalg.randomized_svd(B, 2)
-        with pytest.raises(ValueError, match="finite"):
-            linalg.randomized_svd(B.to_sparse(), 2)
-        with pytest.raises(RuntimeError, match="finite"):
-            linalg.sketch(B, 2)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        linalg.randomized_svd(torch.ones(5, 4, dtype=torch.int64), 2)
-    with pytest.raises(TypeError, match="astype"):
-        linalg.randomized_svd(sp.csr_matrix(np.ones((5, 4), dtype=np.int64)), 2)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        linalg.sketch(torch.ones(5, 4, dtype=torch.int32).to_sparse(), 2)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        linalg.sketch(torch.ones(5, 4, dtype=torch.float16), 2)
     with pytest.raises(TypeError, match="expected a torch.Tensor"):
         linalg.randomized_svd(np.ones((5, 4)), 2)
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        linalg.sketch([[1.0, 2.0]], 1)
+    with pytest.raises(TypeError, match="layout"):
+        linalg.sketch(A.to_sparse_csc(), 2)
     with pytest.raises(ValueError, match="normalizer"):
         linalg.randomized_svd(A, 2, normalizer="householder")
     with pytest.raises(ValueError, match="n_iter"):
         linalg.randomized_svd(A, 2, n_iter=-1)
     with pytest.raises(ValueError, match="oversample"):
         linalg.randomized_svd(A, 2, oversample=-3)
-    with pytest.raises(ValueError, match="k: expected a positive int"):
-        linalg.sketch(A, 0)
     with pytest.raises(ValueError, match="kind"):
         linalg.random_projection(A, 2, "uniform")
     with pytest.raises(ValueError, match="density"):

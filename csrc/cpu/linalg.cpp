@@ -19,11 +19,11 @@
 //   the region). The blocks' shapes do not depend on the thread count, nor do the results.
 // - CSR: rows are split among threads by work (csr.h's row_parts). Each row keeps a cursor into
 //   its nonzeros (column indices sorted within a row, as in every diffcore CSR); a tile adds the
-//   row's run of nonzeros with columns in [i0, i1): out[r] += v[e] cs[c] tile[c - i0], one fused
-//   multiply-add per element and nonzero, in column order, so each output is the plain sequential
-//   sum whatever the tile size and thread count. A row of Omega is generated when a thread first
-//   needs it in the tile: a matrix with few nonzeros costs O(nnz k), not O(n k). rs and `scale`
-//   are applied once at the end.
+//   row's run of nonzeros with columns in [i0, i1): out[r] += v[e] cs[c] tile[c - i0], summed in
+//   registers, one fused multiply-add per element and nonzero, in column order, so each output is
+//   the plain sequential sum whatever the tile size and thread count. A block of 8 rows of Omega is generated when a
+//   thread first needs one of them in the tile: a matrix with few nonzeros costs O(nnz k), not
+//   O(n k). rs and `scale` are applied once at the end.
 //
 // Compiled once per instruction set; the DEFAULT build also holds the op entry points.
 #include <ATen/Parallel.h>
@@ -182,26 +182,69 @@ bool all_finite_kernel(const void* a, at::ScalarType dtype, int64_t m, int64_t n
   return all_finite(static_cast<const float*>(a), m, n, s0, s1);
 }
 
-// o[0:k] += w * t[0:k], one fused multiply-add per element.
-template <typename A>
-inline void axpy(A* __restrict o, A w, const A* __restrict t, int64_t k) {
+// Rows of Omega are generated in blocks of this many (the first time a nonzero needs one of
+// them): the Philox normals come in groups of 64 elements, so a lone row of k = 74 would make
+// two or three groups for its 74 values, while a block of 8 rows (592 values) wastes at most one.
+constexpr int64_t kOmegaBlockRows = 8;
+
+// o[j0 : j0 + NV vectors (the last `last` elements long)] += sum_e w[e] t_e[same columns], the
+// sums kept in registers over the run of nonzeros: one fused multiply-add per element and
+// nonzero, in the run's order, so each element gets exactly the sequential sum.
+template <int NV, typename A>
+inline void run_block(A* __restrict o, const A* const* rows, const A* w, int64_t count, int64_t j0, int last) {
   using Vec = at::vec::Vectorized<A>;
-  const Vec vw(w);
-  int64_t j = 0;
-  for (; j + 4 * Vec::size() <= k; j += 4 * Vec::size()) {
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) {
-      const int64_t jj = j + v * Vec::size();
-      at::vec::fmadd(vw, Vec::loadu(t + jj), Vec::loadu(o + jj)).store(o + jj);
+  constexpr int W = Vec::size();
+  Vec acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    acc[v] = v == NV - 1 ? Vec::loadu(o + j0 + v * W, last) : Vec::loadu(o + j0 + v * W);
+  }
+  for (int64_t e = 0; e < count; ++e) {
+    const Vec vw(w[e]);
+    const A* t = rows[e] + j0;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      acc[v] = at::vec::fmadd(vw, v == NV - 1 ? Vec::loadu(t + v * W, last) : Vec::loadu(t + v * W), acc[v]);
     }
   }
-  for (; j + Vec::size() <= k; j += Vec::size()) at::vec::fmadd(vw, Vec::loadu(t + j), Vec::loadu(o + j)).store(o + j);
-  for (; j < k; ++j) o[j] = std::fma(w, t[j], o[j]);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v].store(o + j0 + v * W, v == NV - 1 ? last : W);
 }
 
+// o[0:k] += sum_e w[e] rows[e][0:k] over a run of `count` nonzeros: blocks of 8 vectors, then the
+// remaining 1 to 8 as one block of 1 to 4 (after a block of 4 when more than 4 remain), whose
+// last vector may be partial (masked on AVX512).
+template <typename A>
+inline void run_sum(A* __restrict o, const A* const* rows, const A* w, int64_t count, int64_t k) {
+  constexpr int W = at::vec::Vectorized<A>::size();
+  int64_t j = 0;
+  for (; j + 8 * W <= k; j += 8 * W) run_block<8>(o, rows, w, count, j, W);
+  const int64_t rest = k - j;
+  const int nv = static_cast<int>((rest + W - 1) / W);
+  const int last = static_cast<int>(rest - (nv - 1) * W);
+  if (nv >= 5) {  // 5..8 vectors: 4 full ones, then the rest
+    run_block<4>(o, rows, w, count, j, W);
+    j += 4 * W;
+  }
+  const int64_t rest2 = k - j;
+  const int nv2 = static_cast<int>((rest2 + W - 1) / W);
+  switch (nv2) {
+    case 4: run_block<4>(o, rows, w, count, j, last); break;
+    case 3: run_block<3>(o, rows, w, count, j, last); break;
+    case 2: run_block<2>(o, rows, w, count, j, last); break;
+    case 1: run_block<1>(o, rows, w, count, j, last); break;
+    default: break;
+  }
+}
+
+// Nonzeros gathered per register pass (a longer run of a row within the tile takes several).
+constexpr int64_t kRunChunk = 64;
+
 // Adds the nonzeros with columns in [i0, i1) of rows [r0, r1) into out, advancing the cursors;
-// a row of Omega enters the thread's tile the first time one of its rows needs it. Sets `bad` on
-// a column index below its predecessor in the row (unsorted) or below i0.
+// a block of kOmegaBlockRows rows of Omega enters the thread's tile the first time one of its
+// rows needs it (`made`: one flag per block). A row's run of nonzeros in the tile is summed in
+// registers (run_sum), kRunChunk nonzeros at a time. Sets `bad` on a column index below its
+// predecessor in the row (unsorted) or below i0.
 template <typename A, typename V, typename Idx>
 void csr_tile_rows(const CsrSketchOperands& op, A* tile, uint8_t* made, int64_t i0, int64_t i1, int64_t r0,
                    int64_t r1, bool& bad) {
@@ -211,27 +254,38 @@ void csr_tile_rows(const CsrSketchOperands& op, A* tile, uint8_t* made, int64_t 
   const V* val = static_cast<const V*>(op.values);
   const float* cs = a.col_scale;
   A* out = static_cast<A*>(op.out);
+  const A* rows[kRunChunk];
+  A w[kRunChunk];
   for (int64_t r = r0; r < r1; ++r) {
     int64_t e = op.cursor[r];
     const int64_t end = a.crow[r + 1];
     int64_t prev = e > a.crow[r] ? static_cast<int64_t>(col[e - 1]) : i0;
     A* o = out + r * k;
-    for (; e < end; ++e) {
-      const int64_t c = static_cast<int64_t>(col[e]);
-      if (c >= i1) break;
-      if (C10_UNLIKELY(c < prev || c < i0)) {
-        bad = true;
-        return;
+    bool more = true;
+    while (more) {
+      int64_t count = 0;
+      for (; e < end && count < kRunChunk; ++e) {
+        const int64_t c = static_cast<int64_t>(col[e]);
+        if (c >= i1) break;
+        if (C10_UNLIKELY(c < prev || c < i0)) {
+          bad = true;
+          return;
+        }
+        prev = c;
+        const int64_t block = (c - i0) / kOmegaBlockRows;
+        if (!made[block]) {
+          const int64_t b0 = i0 + block * kOmegaBlockRows, n_rows = std::min(kOmegaBlockRows, i1 - b0);
+          fill_omega(tile + (b0 - i0) * k, static_cast<uint64_t>(b0) * static_cast<uint64_t>(k), n_rows * k,
+                     op.omega);
+          made[block] = 1;
+        }
+        A we = val != nullptr ? static_cast<A>(val[e]) : A(1);
+        if (cs != nullptr) we *= static_cast<A>(cs[c]);
+        rows[count] = tile + (c - i0) * k;
+        w[count++] = we;
       }
-      prev = c;
-      A* t = tile + (c - i0) * k;
-      if (!made[c - i0]) {
-        fill_omega(t, static_cast<uint64_t>(c) * static_cast<uint64_t>(k), k, op.omega);
-        made[c - i0] = 1;
-      }
-      A w = val != nullptr ? static_cast<A>(val[e]) : A(1);
-      if (cs != nullptr) w *= static_cast<A>(cs[c]);
-      axpy(o, w, t, k);
+      if (count > 0) run_sum(o, rows, w, count, k);
+      more = count == kRunChunk;
     }
     op.cursor[r] = e;
   }
@@ -252,7 +306,7 @@ void csr_sketch(const CsrSketchOperands& op, int64_t tile_rows) {
   std::atomic<bool> any_bad{false};
   at::parallel_for(0, a.num_parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> tile(static_cast<size_t>(tile_rows * k));
-    std::vector<uint8_t> made(static_cast<size_t>(tile_rows));
+    std::vector<uint8_t> made(static_cast<size_t>((tile_rows + kOmegaBlockRows - 1) / kOmegaBlockRows));
     bool bad = false;
     const int64_t r0 = a.parts[begin], r1 = a.parts[end];
     for (int64_t r = r0; r < r1; ++r) op.cursor[r] = a.crow[r];

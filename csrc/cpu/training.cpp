@@ -39,6 +39,7 @@
 
 #include <diffcore/checks.h>
 #include <diffcore/cpu_isa.h>
+#include <diffcore/memory.h>
 
 #include <algorithm>
 #include <cmath>
@@ -49,10 +50,6 @@
 #include <string_view>
 #include <type_traits>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace diffcore::cpu {
 
@@ -637,23 +634,6 @@ namespace diffcore::cpu {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-
-// A fresh output the kernel writes entirely. Large ones are advised to the kernel as transparent
-// huge pages: a fresh 150 MB gradient then costs ~80 page faults instead of ~37,000 (which take
-// longer than the kernel's own work). A hint only; where THP is off it changes nothing.
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 2 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + bytes) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
 
 void check_loss_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();

@@ -21,7 +21,7 @@ namespace diffcore {
 
 constexpr int64_t kHugePageBytes = int64_t{2} << 20;
 // Below this the faults are cheap, and the allocator may hand back memory already in use.
-constexpr int64_t kHugePageMinBytes = int64_t{8} << 20;
+constexpr int64_t kHugePageMinBytes = 2 * kHugePageBytes;
 
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)

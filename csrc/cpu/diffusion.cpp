@@ -12,15 +12,15 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include <diffcore/checks.h>
 #include <diffcore/cpu_isa.h>
 #include <diffcore/memory.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
+#include "guided_step.h"
 #include "philox_vec.h"
 #include "tables.h"
 
@@ -153,52 +153,17 @@ void run_step(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond
               std::optional<int64_t> seed, int64_t offset, bool clamp_t, const at::Tensor& out) {
   check_dim(x, 2, "x");
   check_float_dtype(x, "x");
-  if (f) check_like(*f, x, "model_out", "x");
-  if (f_uncond) {
-    TORCH_CHECK(f.has_value(), "uncond_out: given without model_out");
-    check_like(*f_uncond, x, "uncond_out", "x");
-  }
-  TORCH_CHECK(guidance == 0.0 || f_uncond.has_value(),
-              "guidance_scale: a non-zero scale needs uncond_out");
-  if (noise) check_like(*noise, x, "noise", "x");
-  TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
-  TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
-  check_like(out, x, "out", "x");
-  check_same_device(table, x, "table", "x");
-
-  const at::Tensor xs = unit_cols(x);
-  const OptTensor fs = f ? OptTensor(unit_cols(*f)) : std::nullopt;
-  const OptTensor us = f_uncond ? OptTensor(unit_cols(*f_uncond)) : std::nullopt;
-  const OptTensor zs = noise ? OptTensor(unit_cols(*noise)) : std::nullopt;
-  const at::Tensor os = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
+  check_guided_step(x, f, f_uncond, guidance, noise, seed, offset, out, table, "x");
+  const GuidedStepViews v = guided_step_views(x, f, f_uncond, noise, out);
   const std::vector<float> coef = gather_rows(table, t, x.size(0), 3, clamp_t, "diffusion_step");
-
   StepOperands op;
-  op.rows = x.size(0);
-  op.cols = x.size(1);
-  op.out = os.data_ptr();
-  op.out_stride = os.stride(0);
-  op.x = xs.data_ptr();
-  op.x_stride = xs.stride(0);
-  if (fs) {
-    op.f = fs->data_ptr();
-    op.f_stride = fs->stride(0);
+  bind_guided_step(op, v, coef, guidance, seed, offset);
+  if (v.f) {
+    op.f = v.f->data_ptr();
+    op.f_stride = v.f->stride(0);
   }
-  if (us) {
-    op.u = us->data_ptr();
-    op.u_stride = us->stride(0);
-  }
-  if (zs) {
-    op.noise = zs->data_ptr();
-    op.noise_stride = zs->stride(0);
-  }
-  op.coef = coef.data();
-  op.guidance = static_cast<float>(guidance);
-  op.seeded = seed.has_value();
-  op.seed = static_cast<uint64_t>(seed.value_or(0));
-  op.offset = static_cast<uint64_t>(offset);
   if (op.rows > 0 && op.cols > 0) DIFFCORE_ISA_CALL(diffusion_step_kernel, op, x.scalar_type());
-  if (!os.is_same(out)) out.copy_(os);
+  finish_guided_step(v, out);
 }
 
 at::Tensor diffusion_step(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond,

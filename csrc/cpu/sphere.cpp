@@ -38,6 +38,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "guided_step.h"
 #include "philox_vec.h"
 #include "tables.h"
 
@@ -665,44 +666,15 @@ void run_p_step(const at::Tensor& x, const at::Tensor& f, const OptTensor& f_unc
                 const OptTensor& noise, std::optional<int64_t> seed, int64_t offset, bool clamp_t,
                 const at::Tensor& out) {
   check_rows(x, "x_t");
-  check_like(f, x, "model_out", "x_t");
-  if (f_uncond) check_like(*f_uncond, x, "uncond_out", "x_t");
-  TORCH_CHECK(guidance == 0.0 || f_uncond.has_value(),
-              "guidance_scale: a non-zero scale needs uncond_out");
-  if (noise) check_like(*noise, x, "noise", "x_t");
-  TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
-  TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
-  check_like(out, x, "out", "x_t");
-  check_same_device(table, x, "table", "x_t");
+  check_guided_step(x, f, f_uncond, guidance, noise, seed, offset, out, table, "x_t");
+  const GuidedStepViews v = guided_step_views(x, f, f_uncond, noise, out);
   const std::vector<float> coef = gather_rows(table, t, x.size(0), 3, clamp_t, "sphere_p_step");
-  const at::Tensor xs = unit_cols(x), fs = unit_cols(f);
-  const OptTensor us = f_uncond ? OptTensor(unit_cols(*f_uncond)) : std::nullopt;
-  const OptTensor zs = noise ? OptTensor(unit_cols(*noise)) : std::nullopt;
-  const at::Tensor os = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
   SphereOperands op;
-  op.rows = x.size(0);
-  op.cols = x.size(1);
-  op.out = os.data_ptr();
-  op.out_stride = os.stride(0);
-  op.x = xs.data_ptr();
-  op.x_stride = xs.stride(0);
-  op.v = fs.data_ptr();
-  op.v_stride = fs.stride(0);
-  if (us) {
-    op.u = us->data_ptr();
-    op.u_stride = us->stride(0);
-  }
-  if (zs) {
-    op.noise = zs->data_ptr();
-    op.noise_stride = zs->stride(0);
-  }
-  op.coef = coef.data();
-  op.guidance = static_cast<float>(guidance);
-  op.seeded = seed.has_value();
-  op.seed = static_cast<uint64_t>(seed.value_or(0));
-  op.offset = static_cast<uint64_t>(offset);
+  bind_guided_step(op, v, coef, guidance, seed, offset);
+  op.v = v.f->data_ptr();
+  op.v_stride = v.f->stride(0);
   if (op.rows > 0 && op.cols > 0) DIFFCORE_ISA_CALL(sphere_p_step_kernel, op, x.scalar_type());
-  if (!os.is_same(out)) out.copy_(os);
+  finish_guided_step(v, out);
 }
 
 at::Tensor sphere_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,

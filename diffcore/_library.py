@@ -1258,13 +1258,13 @@ from diffcore.reference import retrieval as _ref_retrieval  # noqa: E402
 _lib.define("retrieval_topk(Tensor x, Tensor? items, int k, Tensor? crow, Tensor? col) -> (Tensor, Tensor)")
 
 
-def _topk_outputs(x, items, k):
+def _topk_outputs(x, k):
     return x.new_empty((x.shape[0], k)), torch.empty((x.shape[0], k), dtype=torch.long, device=x.device)
 
 
 @torch.library.register_fake("diffcore::retrieval_topk")
 def _(x, items, k, crow, col):
-    return _topk_outputs(x, items, k)
+    return _topk_outputs(x, k)
 
 
 # --- implementations (out form: the op's arguments, then values and ids) ------------------------
@@ -1294,7 +1294,7 @@ _registry.register("retrieval_topk", "triton", _triton_topk_out, devices=("cpu",
 # --- Python backends: the reference without _C, Triton for CUDA tensors -------------------------
 def _topk_functional(impl):
     def run(x, items, k, crow, col):
-        values, ids = _topk_outputs(x, items, k)
+        values, ids = _topk_outputs(x, k)
         impl(x, items, k, crow, col, values, ids)
         return values, ids
 

@@ -65,6 +65,7 @@ import torch
 
 from diffcore import _library  # noqa: F401  (defines the ops)
 from diffcore import _registry
+from diffcore.reference.sparse import csr_rows
 from diffcore.sparse import Adjacency
 
 __all__ = ["RankDeficiencyWarning", "cholqr2", "randomized_svd", "random_projection", "sketch"]
@@ -199,7 +200,7 @@ def _from_torch_sparse(A: torch.Tensor) -> _Csr:
     _check_nonempty(tuple(A.shape), f"a torch {str(A.layout).removeprefix('torch.')} tensor")
     if A.layout == torch.sparse_csr:
         crow, col = A.crow_indices(), A.col_indices().long()
-        rows = torch.repeat_interleave(torch.arange(A.shape[0], device=crow.device), crow.diff())
+        rows = csr_rows(crow)
         key = rows * A.shape[1] + col
         if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
             A = A.to_sparse_coo()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from diffcore import _checks, _registry
 from diffcore import _library  # noqa: F401  (defines the ops)
+from diffcore.reference.sparse import csr_rows
 
 __all__ = ["Adjacency", "spmm", "propagate", "gcn_layer"]
 
@@ -198,7 +199,7 @@ class Adjacency:
         elif tensor.layout == torch.sparse_csr:
             _square(tuple(tensor.shape))
             crow = tensor.crow_indices()
-            rows = torch.repeat_interleave(torch.arange(tensor.shape[0], device=crow.device), crow.diff())
+            rows = csr_rows(crow)
             cols, values = tensor.col_indices(), tensor.values()
         else:
             raise TypeError(f"tensor: expected a sparse COO or CSR tensor, got layout {tensor.layout}")

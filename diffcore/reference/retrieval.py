@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import torch
 
+from diffcore.reference.sparse import csr_rows
+
 
 def history_pairs(crow: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The (row, item) int64 index pairs of a CSR history ``(crow (B + 1,), col (nnz,))``."""
-    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
-    return rows, col.long()
+    return csr_rows(crow), col.long()
 
 
 def scores(x: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:

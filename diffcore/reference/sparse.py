@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 
 
+
+def csr_rows(crow: torch.Tensor) -> torch.Tensor:
+    """(nnz,) int64: the row of every nonzero of a CSR matrix with row pointers ``crow``."""
+    return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
+
 def normalized_coo(
     crow: torch.Tensor,
     col: torch.Tensor,
@@ -24,7 +29,7 @@ def normalized_coo(
     """The normalised graph as a coalesced COO tensor (rows x n_cols) of ``dtype``:
     ``A_hat[r, c] = row_scale[r] * values[e] * col_scale[c]`` (absent factors are ones)."""
     n_rows = crow.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow.diff())
+    rows = csr_rows(crow)
     cols = col.long()
     data = torch.ones(cols.numel(), dtype=dtype, device=crow.device)
     if values is not None:

@@ -9,10 +9,10 @@
 //   history update   DiffRec's loop over the batch, in batch order (a full history shifts).
 //   BPR              loss_b = softplus(<u, n> - <u, p>) + wd / 2 (|u0|^2 + |p0|^2 + |n0|^2),
 //                    rows gathered by index (prefetched a few batch rows ahead), never stored.
-//                    Backward: each batch row's contributions (d/du, d/dp, d/dn, the ego terms)
-//                    computed once, then every table row written once, in order: the sum of its
-//                    contributions (grouped by a stable counting sort: batch order) or zeros. No
-//                    atomics, no separate zero fill.
+//                    Backward: each batch row's score contributions (c (n - p), c u) computed
+//                    once, then every table row written once, in order: the sum of its entries'
+//                    contributions (grouped by a stable counting sort: batch order) plus its L2
+//                    term wd (sum of the entries' g) row, or zeros. No atomics, no zero fill.
 //   InfoNCE          loss_i = logsumexp_j(<a_i, b_j> / tau) - <a_i, b_i> / tau over blocks of
 //                    kNceRows rows: the (B, B) logits exist one block at a time (a single-thread
 //                    GEMM per block, then a vectorised logsumexp). Backward: per block
@@ -46,6 +46,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string_view>
 #include <type_traits>
@@ -276,23 +277,6 @@ acc_t<T> dot_diff(const T* a, const T* b, const T* c, int64_t d) {
   return s;
 }
 
-// acc[k] += coef * x[k]
-template <typename T>
-void axpy(acc_t<T>* acc, acc_t<T> coef, const T* x, int64_t d) {
-  using A = acc_t<T>;
-  using V = AVec<T>;
-  constexpr int64_t kStep = 2 * V::size();
-  const V vc(coef);
-  int64_t k = 0;
-  for (; k + kStep <= d; k += kStep) {
-    V x0, x1;
-    load2(x + k, x0, x1);
-    at::vec::fmadd(vc, x0, V::loadu(acc + k)).store(acc + k);
-    at::vec::fmadd(vc, x1, V::loadu(acc + k + V::size())).store(acc + k + V::size());
-  }
-  for (; k < d; ++k) acc[k] += coef * static_cast<A>(x[k]);
-}
-
 template <typename A>
 inline A softplus(A x) {
   return x > A(0) ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x));
@@ -369,52 +353,111 @@ void bpr_forward(const BprOperands& op) {
   });
 }
 
-// dst[k] = a * x[k] + c * y[k] (y null: a * x[k]), in the compute dtype.
+// dst[k] = c * (x[k] - y[k]) (y null: c * x[k]), in the compute dtype.
 template <typename T>
-void combine(acc_t<T>* dst, acc_t<T> a, const T* x, acc_t<T> c, const T* y, int64_t d) {
-  std::fill(dst, dst + d, acc_t<T>(0));
-  axpy(dst, a, x, d);
-  if (y != nullptr) axpy(dst, c, y, d);
-}
-
-// One dense gradient table: entries (one per batch contribution) grouped by destination row in
-// CSR form, batch order kept within a row (a stable counting sort).
-struct ScatterTable {
-  void* out = nullptr;  // (rows, d) contiguous, written entirely (untouched rows get zeros)
-  int64_t rows = 0;
-  std::vector<int64_t> start;   // (rows + 1,) entry ranges per destination row
-  std::vector<int64_t> source;  // (entries,) contribution row of each entry, grouped by destination
-};
-
-inline void group_entries(ScatterTable& table, const std::vector<const int64_t*>& dests, int64_t batch) {
-  table.start.assign(static_cast<size_t>(table.rows + 1), 0);
-  for (const int64_t* dest : dests)
-    for (int64_t b = 0; b < batch; ++b) table.start[dest[b] + 1] += 1;
-  for (int64_t r = 0; r < table.rows; ++r) table.start[r + 1] += table.start[r];
-  std::vector<int64_t> cursor(table.start.begin(), table.start.end() - 1);
-  table.source.resize(static_cast<size_t>(table.start[table.rows]));
-  // contribution row of entry (k, b) is k * batch + b: pos before neg for the same batch row
-  for (int64_t b = 0; b < batch; ++b)
-    for (size_t k = 0; k < dests.size(); ++k) table.source[cursor[dests[k][b]]++] = static_cast<int64_t>(k) * batch + b;
-}
-
-// acc[k] += src[k] over d values of the compute dtype.
-template <typename A>
-void add_row(A* acc, const A* src, int64_t d) {
-  using V = at::vec::Vectorized<A>;
-  int64_t k = 0;
-  for (; k + V::size() <= d; k += V::size()) (V::loadu(acc + k) + V::loadu(src + k)).store(acc + k);
-  for (; k < d; ++k) acc[k] += src[k];
-}
-
-// out[k] = T(acc[k]).
-template <typename T>
-void store_row(T* out, const acc_t<T>* acc, int64_t d) {
+void scaled_diff(acc_t<T>* dst, acc_t<T> c, const T* x, const T* y, int64_t d) {
+  using A = acc_t<T>;
   using V = AVec<T>;
   constexpr int64_t kStep = 2 * V::size();
+  const V vc(c);
   int64_t k = 0;
-  for (; k + kStep <= d; k += kStep) store2(out + k, V::loadu(acc + k), V::loadu(acc + k + V::size()));
-  for (; k < d; ++k) out[k] = static_cast<T>(acc[k]);
+  for (; k + kStep <= d; k += kStep) {
+    V x0, x1;
+    load2(x + k, x0, x1);
+    if (y != nullptr) {
+      V y0, y1;
+      load2(y + k, y0, y1);
+      x0 = x0 - y0;
+      x1 = x1 - y1;
+    }
+    (vc * x0).store(dst + k);
+    (vc * x1).store(dst + k + V::size());
+  }
+  for (; k < d; ++k) dst[k] = c * (static_cast<A>(x[k]) - (y != nullptr ? static_cast<A>(y[k]) : A(0)));
+}
+
+// The entries of one gradient table grouped by destination row, in CSR form: row r's entries are
+// source[start[r] .. start[r + 1]), each k * batch + b (batch row b of index array k), in batch
+// order with array 0 before array 1 for the same batch row (a stable counting sort).
+struct Grouping {
+  std::vector<int64_t> start;   // (rows + 1,)
+  std::vector<int64_t> source;  // (entries,)
+};
+
+inline Grouping group_entries(int64_t rows, std::initializer_list<const int64_t*> dests, int64_t batch) {
+  Grouping g;
+  g.start.assign(static_cast<size_t>(rows + 1), 0);
+  for (const int64_t* dest : dests)
+    for (int64_t b = 0; b < batch; ++b) g.start[dest[b] + 1] += 1;
+  for (int64_t r = 0; r < rows; ++r) g.start[r + 1] += g.start[r];
+  std::vector<int64_t> cursor(g.start.begin(), g.start.end() - 1);
+  g.source.resize(static_cast<size_t>(g.start[rows]));
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t k = 0;
+    for (const int64_t* dest : dests) g.source[cursor[dest[b]]++] = k++ * batch + b;
+  }
+  return g;
+}
+
+// One dense (rows, d) gradient table, every row written once: sign[k] * contrib[k][b] summed over
+// its entries (k, b) (kinds = 0: none), plus, with an L2 term, wd * (sum of the entries' g) * l2[r];
+// rows without entries get zeros.
+template <typename T>
+struct ScatterTable {
+  T* out = nullptr;
+  int64_t rows = 0;
+  const Grouping* groups = nullptr;
+  int kinds = 0;
+  const acc_t<T>* contrib[2] = {nullptr, nullptr};  // (batch, d) each
+  acc_t<T> sign[2] = {0, 0};
+  const T* l2 = nullptr;
+  int64_t l2_stride = 0;
+};
+
+// Requests the rows write_table_row(t, r) reads: its entries' contributions and its L2 row.
+template <typename T>
+void prefetch_table_row(const ScatterTable<T>& t, int64_t r, const BprOperands& op) {
+  const int64_t B = op.batch, d = op.d;
+  const auto lines = [](const void* p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off);
+  };
+  if (t.kinds > 0) {
+    for (int64_t e = t.groups->start[r]; e < t.groups->start[r + 1]; ++e) {
+      const int64_t src = t.groups->source[e], k = src / B;
+      lines(t.contrib[k] + (src - k * B) * d, d * static_cast<int64_t>(sizeof(acc_t<T>)));
+    }
+  }
+  if (t.l2 != nullptr) lines(t.l2 + r * t.l2_stride, d * static_cast<int64_t>(sizeof(T)));
+}
+
+template <typename T>
+void write_table_row(const ScatterTable<T>& t, int64_t r, const BprOperands& op, acc_t<T>* acc) {
+  using A = acc_t<T>;
+  using V = at::vec::Vectorized<A>;
+  const int64_t B = op.batch, d = op.d;
+  std::fill(acc, acc + d, A(0));
+  A gsum(0);
+  for (int64_t e = t.groups->start[r]; e < t.groups->start[r + 1]; ++e) {
+    const int64_t src = t.groups->source[e], k = src / B, b = src - k * B;
+    gsum += static_cast<A>(op.row_grad[b]);
+    if (t.kinds == 0) continue;
+    const V vs(t.sign[k]);
+    const A* x = t.contrib[k] + b * d;
+    int64_t j = 0;
+    for (; j + V::size() <= d; j += V::size()) at::vec::fmadd(vs, V::loadu(x + j), V::loadu(acc + j)).store(acc + j);
+    for (; j < d; ++j) acc[j] += t.sign[k] * x[j];
+  }
+  if (t.l2 != nullptr) {
+    const T* x = t.l2 + r * t.l2_stride;
+    const A c = static_cast<A>(op.weight_decay) * gsum;
+    for (int64_t j = 0; j < d; ++j) acc[j] += c * static_cast<A>(x[j]);
+  }
+  using FV = AVec<T>;
+  constexpr int64_t kStep = 2 * FV::size();
+  T* out = t.out + r * d;
+  int64_t j = 0;
+  for (; j + kStep <= d; j += kStep) store2(out + j, FV::loadu(acc + j), FV::loadu(acc + j + FV::size()));
+  for (; j < d; ++j) out[j] = static_cast<T>(acc[j]);
 }
 
 template <typename T>
@@ -422,53 +465,64 @@ void bpr_backward(const BprOperands& op) {
   using A = acc_t<T>;
   const int64_t B = op.batch, d = op.d;
   const bool ego = op.user_ego != nullptr;
-  const A wd = static_cast<A>(op.weight_decay);
-  // Pass 1: every batch row's contributions, gathered once. Rows of `contrib`, B each:
-  // 0 d/du = c (n - p) [+ wd g u], 1 d/dp = -c u [+ wd g p], 2 d/dn = c u [+ wd g n],
-  // 3..5 (ego tables) wd g u0, wd g p0, wd g n0; c = g sigmoid(<u, n - p>).
-  const int64_t kinds = ego ? 6 : 3;
-  std::vector<A> contrib(static_cast<size_t>(kinds * B * d));
+  // Pass 1, per batch row (c = g sigmoid(<u, n - p>)): the user entry's c (n - p) and the item
+  // entries' c u (the positive's with sign -1, the negative's +1). The L2 terms need no rows: a
+  // table row's L2 gradient is wd (sum of its entries' g) times the row itself.
+  std::unique_ptr<A[]> user_contrib(new A[static_cast<size_t>(B * d)]);
+  std::unique_ptr<A[]> item_contrib(new A[static_cast<size_t>(B * d)]);
   at::parallel_for(0, B, bpr_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < std::min(end, begin + kPrefetch); ++b) prefetch_rows<T>(op, b, ego);
+    for (int64_t b = begin; b < std::min(end, begin + kPrefetch); ++b) prefetch_rows<T>(op, b, false);
     for (int64_t b = begin; b < end; ++b) {
-      if (b + kPrefetch < end) prefetch_rows<T>(op, b + kPrefetch, ego);
+      if (b + kPrefetch < end) prefetch_rows<T>(op, b + kPrefetch, false);
       const BprRows<T> r = bpr_rows<T>(op, b);
-      const A g = static_cast<A>(op.row_grad[b]);
-      const A c = g * sigmoid(dot_diff(r.u, r.n, r.p, d)), reg = wd * g;
-      A* row = contrib.data() + b * d;
-      const int64_t stride = B * d;
-      combine<T>(row, c, r.n, -c, r.p, d);
-      combine<T>(row + stride, -c, r.u, reg, ego ? nullptr : r.p, d);
-      combine<T>(row + 2 * stride, c, r.u, reg, ego ? nullptr : r.n, d);
-      if (!ego && reg != A(0)) axpy(row, reg, r.u, d);
-      if (ego) {
-        combine<T>(row + 3 * stride, reg, r.u0, A(0), static_cast<const T*>(nullptr), d);
-        combine<T>(row + 4 * stride, reg, r.p0, A(0), static_cast<const T*>(nullptr), d);
-        combine<T>(row + 5 * stride, reg, r.n0, A(0), static_cast<const T*>(nullptr), d);
-      }
+      const A c = static_cast<A>(op.row_grad[b]) * sigmoid(dot_diff(r.u, r.n, r.p, d));
+      scaled_diff<T>(user_contrib.get() + b * d, c, r.n, r.p, d);
+      scaled_diff<T>(item_contrib.get() + b * d, c, r.u, static_cast<const T*>(nullptr), d);
     }
   });
-  // Pass 2: each table written once, row by row in order (a sequential stream, like a memset):
-  // the sum of its entries' contributions, or zeros.
-  std::vector<ScatterTable> tables(ego ? 4 : 2);
-  std::vector<int64_t> first_kind(tables.size());
-  tables[0].out = op.g_user;
-  tables[0].rows = op.user_rows;
-  group_entries(tables[0], {op.users}, B);
-  tables[1].out = op.g_item;
-  tables[1].rows = op.item_rows;
-  group_entries(tables[1], {op.pos, op.neg}, B);
-  first_kind[0] = 0;
-  first_kind[1] = 1;
+  // Pass 2: each table written once, row by row in order (a sequential stream, like a memset).
+  const Grouping by_user = group_entries(op.user_rows, {op.users}, B);
+  const Grouping by_item = group_entries(op.item_rows, {op.pos, op.neg}, B);
+  std::vector<ScatterTable<T>> tables(ego ? 4 : 2);
+  ScatterTable<T>& user = tables[0];
+  user.out = static_cast<T*>(op.g_user);
+  user.rows = op.user_rows;
+  user.groups = &by_user;
+  user.kinds = 1;
+  user.contrib[0] = user_contrib.get();
+  user.sign[0] = A(1);
+  ScatterTable<T>& item = tables[1];
+  item.out = static_cast<T*>(op.g_item);
+  item.rows = op.item_rows;
+  item.groups = &by_item;
+  item.kinds = 2;
+  item.contrib[0] = item.contrib[1] = item_contrib.get();
+  item.sign[0] = A(-1);
+  item.sign[1] = A(1);
+  if (op.weight_decay != 0.0 && !ego) {  // MF-BPR: the L2 term is on the scored rows
+    user.l2 = static_cast<const T*>(op.user);
+    user.l2_stride = op.user_stride;
+    item.l2 = static_cast<const T*>(op.item);
+    item.l2_stride = op.item_stride;
+  }
+  // The ego tables are indexed like the score tables, so they share their groupings when their
+  // row counts agree.
+  Grouping by_user_ego, by_item_ego;
   if (ego) {
-    tables[2].out = op.g_user_ego;
-    tables[2].rows = op.user_ego_rows;
-    group_entries(tables[2], {op.users}, B);
-    tables[3].out = op.g_item_ego;
-    tables[3].rows = op.item_ego_rows;
-    group_entries(tables[3], {op.pos, op.neg}, B);
-    first_kind[2] = 3;
-    first_kind[3] = 4;
+    ScatterTable<T>& user0 = tables[2];
+    user0.out = static_cast<T*>(op.g_user_ego);
+    user0.rows = op.user_ego_rows;
+    if (op.user_ego_rows != op.user_rows) by_user_ego = group_entries(op.user_ego_rows, {op.users}, B);
+    user0.groups = op.user_ego_rows == op.user_rows ? &by_user : &by_user_ego;
+    user0.l2 = static_cast<const T*>(op.user_ego);
+    user0.l2_stride = op.user_ego_stride;
+    ScatterTable<T>& item0 = tables[3];
+    item0.out = static_cast<T*>(op.g_item_ego);
+    item0.rows = op.item_ego_rows;
+    if (op.item_ego_rows != op.item_rows) by_item_ego = group_entries(op.item_ego_rows, {op.pos, op.neg}, B);
+    item0.groups = op.item_ego_rows == op.item_rows ? &by_item : &by_item_ego;
+    item0.l2 = static_cast<const T*>(op.item_ego);
+    item0.l2_stride = op.item_ego_stride;
   }
   std::vector<int64_t> offset(tables.size() + 1, 0);
   for (size_t k = 0; k < tables.size(); ++k) offset[k + 1] = offset[k] + tables[k].rows;
@@ -478,22 +532,27 @@ void bpr_backward(const BprOperands& op) {
     int64_t i = begin;
     while (i < end) {
       const size_t k = static_cast<size_t>(std::upper_bound(offset.begin(), offset.end(), i) - offset.begin() - 1);
-      const ScatterTable& table = tables[k];
+      const ScatterTable<T>& table = tables[k];
+      const std::vector<int64_t>& start = table.groups->start;
       const int64_t stop = std::min(end, offset[k + 1]) - offset[k];  // rows of this table in the task
-      T* out = static_cast<T*>(table.out);
+      const auto next_with_entries = [&](int64_t r) {
+        while (r < stop && start[r] == start[r + 1]) ++r;
+        return r;
+      };
       int64_t r = i - offset[k];
+      int64_t next = next_with_entries(r);
+      if (next < stop) prefetch_table_row(table, next, op);
       while (r < stop) {
-        int64_t run = r;  // rows without entries: one memset for the run
-        while (run < stop && table.start[run] == table.start[run + 1]) ++run;
-        if (run > r) {
-          std::memset(static_cast<void*>(out + r * d), 0, static_cast<size_t>((run - r) * d) * sizeof(T));
-          r = run;
+        if (next > r) {  // rows without entries: one memset for the run
+          std::memset(static_cast<void*>(table.out + r * d), 0, static_cast<size_t>((next - r) * d) * sizeof(T));
+          r = next;
           continue;
         }
-        std::fill(acc.begin(), acc.end(), A(0));
-        for (int64_t e = table.start[r]; e < table.start[r + 1]; ++e)
-          add_row(acc.data(), contrib.data() + (first_kind[k] * B + table.source[e]) * d, d);
-        store_row(out + r * d, acc.data(), d);
+        // the rows this one's successor reads are requested now, and arrive during this row and
+        // the memset of the empty run between them
+        next = next_with_entries(r + 1);
+        if (next < stop) prefetch_table_row(table, next, op);
+        write_table_row(table, r, op, acc.data());
         ++r;
       }
       i = offset[k] + stop;

@@ -103,11 +103,8 @@ void diffusion_step_kernel(const StepOperands& op, at::ScalarType dtype) {
   constexpr int64_t kBlock = 2048;  // elements of one row per task; the Philox buffer lives on the stack
   const int64_t blocks_per_row = (op.cols + kBlock - 1) / kBlock;
   const int64_t tasks = op.rows * blocks_per_row;
-  // Elements per thread at least: ~32K for a memory-bound step (DreamRec's 256 x 64 runs on one
-  // thread, where waking a second would cost more than the step), ~4K when the step draws its
-  // noise (about 1 ns per element of Philox and Box-Muller, so two threads pay off from there).
-  const int64_t min_elements = op.seeded ? 4096 : 32768;
-  const int64_t grain = std::max<int64_t>(1, min_elements / std::clamp<int64_t>(op.cols, 1, kBlock));
+  // DreamRec's 256 x 64 runs on one thread given its noise, on two when it draws it.
+  const int64_t grain = std::max<int64_t>(1, min_task_elements(op.seeded) / std::clamp<int64_t>(op.cols, 1, kBlock));
   DIFFCORE_DISPATCH_FEATURE_TYPES(dtype, "diffusion_step", [&] {
     using T = scalar_t;
     const bool has_f = op.f != nullptr, has_u = op.u != nullptr;

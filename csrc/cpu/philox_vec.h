@@ -238,6 +238,10 @@ inline void philox_normal_groups(float* out, uint64_t seed, uint64_t offset, uin
 }
 #endif
 
+// Elements a thread should take at least: ~32K for a memory-bound pass (below that, waking a second
+// thread costs more than the pass), ~4K when the pass draws Philox noise (about 1 ns per element).
+inline int64_t min_task_elements(bool seeded) { return seeded ? 4096 : 32768; }
+
 // Writes elements first .. first + n - 1 of a stream made in groups of 4 per counter:
 // groups(buf, seed, offset, g0) writes the 4 * kLanes elements of the groups g0 .. g0 + kLanes - 1.
 template <typename T, typename Groups>

@@ -219,7 +219,7 @@ void sde_step_kernel(const SdeOperands& op, at::ScalarType dtype) {
   const int64_t group = rows_per_group(op.cols);
   const int64_t col_blocks = group > 1 ? 1 : (op.cols + kBlock - 1) / kBlock;
   const int64_t tasks = (op.rows + group - 1) / group * col_blocks;
-  const int64_t grain = std::max<int64_t>(1, 32768 / (group * std::min(kBlock, op.cols)));
+  const int64_t grain = std::max<int64_t>(1, min_task_elements(op.seeded) / (group * std::min(kBlock, op.cols)));
   DIFFCORE_DISPATCH_FEATURE_TYPES(dtype, "sde_step", [&] {
     using T = scalar_t;
     const bool has_mean = op.mean != nullptr;

@@ -179,9 +179,9 @@ void dots_row(const T* x, const V* v, int64_t n, Acc<T>& xx, Acc<T>& xv, Acc<T>&
   }
 }
 
-// Rows per task: at least ~32K elements, so small d does not pay a task per row.
-inline int64_t row_grain(int64_t cols) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+// Rows per task: at least min_task_elements, so small d does not pay a task per row.
+inline int64_t row_grain(int64_t cols, bool seeded = false) {
+  return std::max<int64_t>(1, min_task_elements(seeded) / std::max<int64_t>(cols, 1));
 }
 
 // Rows per block: the rows whose scalar math (cos, sin, atan2) runs as one vector, between the
@@ -510,7 +510,7 @@ int64_t sphere_map_kernel(const SphereOperands& op, SphereMap map, at::ScalarTyp
 int64_t sphere_q_sample_kernel(const SphereOperands& op, at::ScalarType dtype) {
   BadRow bad;
   DIFFCORE_DISPATCH_SPHERE_TYPES(dtype, "sphere_q_sample", [&] {
-    at::parallel_for(0, op.rows, row_grain(op.cols), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, op.rows, row_grain(op.cols, op.seeded), [&](int64_t begin, int64_t end) {
       std::vector<float> z(op.seeded ? static_cast<size_t>(block_rows(op.cols) * op.cols) : 0);
       q_sample_rows<scalar_t>(op, begin, end, z.data(), bad);
     });
@@ -523,7 +523,7 @@ void sphere_p_step_kernel(const SphereOperands& op, at::ScalarType dtype) {
     using T = scalar_t;
     const int64_t n = op.cols;
     const int64_t rows_per_block = block_rows(n);
-    at::parallel_for(0, op.rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, op.rows, row_grain(n, op.seeded), [&](int64_t begin, int64_t end) {
       std::vector<Acc<T>> y(static_cast<size_t>(n));
       std::vector<float> z(op.seeded ? static_cast<size_t>(rows_per_block * n) : 0);
       for (int64_t r0 = begin; r0 < end; r0 += rows_per_block) {

@@ -250,6 +250,22 @@ def test_sketch_gradient():
     assert torch.autograd.gradcheck(lambda a: linalg.sketch(a.t(), 3, seed=1), (A,))
 
 
+def test_sketch_gradient_on_two_threads():
+    """More rows than one block of the dense sketch (256): the blocks' GEMMs run on worker threads,
+    which the autograd dispatch's exclusion does not reach; the gradient is still Omega's row sums."""
+    A = torch.randn(700, 30, dtype=torch.float64, requires_grad=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Y = linalg.sketch(A, 5, seed=3)
+        Y.sum().backward()
+    finally:
+        torch.set_num_threads(threads)
+    omega = diffcore.random.randn(30, 5, seed=3).double()
+    torch.testing.assert_close(Y, A.detach() @ omega)
+    torch.testing.assert_close(A.grad, omega.sum(1).expand(700, 30))
+
+
 @pytest.mark.parametrize("op", ["linalg_sketch", "linalg_sketch_csr"])
 def test_opcheck(op):
     if op == "linalg_sketch":

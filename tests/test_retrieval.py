@@ -142,6 +142,23 @@ def test_thread_counts_agree():
     torch.testing.assert_close(results[0][0], truth[0])
 
 
+@pytest.mark.parametrize("name", IMPLS)
+def test_inputs_requiring_grad_on_two_threads(name):
+    """Queries and items that require grad, outside no_grad (LightGCN's computer() output): the
+    blocks' GEMMs run on worker threads, where the caller's grad mode does not reach. Same result
+    as on detached inputs, and not differentiable."""
+    g = torch.Generator().manual_seed(4)
+    queries, items = _ints((300, 8), g), _ints((1500, 8), g)  # 3 blocks of 128 rows
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = _topk(name, queries.requires_grad_(), 7, items=items.requires_grad_())
+    finally:
+        torch.set_num_threads(threads)
+    assert not got[0].requires_grad
+    _assert_exact(got, ref.topk(queries.detach(), items.detach(), 7, None, None))
+
+
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_rejects_bad_arguments():
     scores = torch.randn(3, 6)

@@ -402,8 +402,11 @@ void check_real_dtype(at::ScalarType dt, const char* name) {
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, name, ": expected float32 or float64, got ", dt);
 }
 
-at::Tensor linalg_sketch(const at::Tensor& a, int64_t k, c10::string_view kind, double density, double scale,
+at::Tensor linalg_sketch(const at::Tensor& a_arg, int64_t k, c10::string_view kind, double density, double scale,
                          int64_t seed, int64_t offset) {
+  // The GEMMs run on worker threads, which the autograd dispatch's exclusion does not reach: an A
+  // that requires grad is multiplied through a view without autograd history.
+  const at::Tensor a = a_arg.detach();
   check_dim(a, 2, "A");
   check_real_dtype(a.scalar_type(), "A");
   const OmegaSpec o = omega_spec(kind, density, seed, offset, k);

@@ -271,8 +271,12 @@ at::Tensor sorted_history(const at::Tensor& crow, const at::Tensor& col) {
   return sorted;
 }
 
-std::tuple<at::Tensor, at::Tensor> retrieval_topk(const at::Tensor& x, const OptTensor& items, int64_t k,
+std::tuple<at::Tensor, at::Tensor> retrieval_topk(const at::Tensor& x_arg, const OptTensor& items_arg, int64_t k,
                                                   const OptTensor& crow, const OptTensor& col) {
+  // The GEMMs run on worker threads, which the caller's no-grad state does not reach: inputs that
+  // require grad are multiplied through views without autograd history.
+  const at::Tensor x = x_arg.detach();
+  const OptTensor items = items_arg ? OptTensor(items_arg->detach()) : std::nullopt;
   check_dim(x, 2, "x");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -36,6 +37,7 @@ examples:
   python -m bench --only diffusion --threads 1 --csv rows.csv --plot rows.png
   python -m bench --list                           what would run, and which providers cannot run here
   python -m bench --compare old.json new.json      the change of every row between two runs
+  python -m bench --malloc steady                  allocating rows without glibc's first-touch page faults
 
 exit status: 0 all rows checked and timed; 1 a provider's output did not match the reference
 (or it raised); 2 bad arguments.
@@ -63,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
                    help="time only providers whose name contains one of these (e.g. diffcore:cpu); the "
                         "baselines the speed-ups are computed against always run")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (listed as skipped)")
+    p.add_argument("--malloc", choices=("default", "steady"), default="default",
+                   help="default: glibc's adaptive malloc (allocating rows pay page faults when it hands "
+                        "memory back to the OS, which varies run to run); steady: freed blocks are kept and "
+                        "reused, so allocating rows compare kernels, not first-touch faults")
     p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     p.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
                    help="print the change of every row between two --json results; run nothing")
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m bench: error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(config.threads)
+    if args.malloc == "steady":  # before any case allocates its inputs
+        config = dataclasses.replace(config, malloc=machine.steady_malloc())
     cases = [case for module in families for case in module.cases(config)]
     if args.providers:
         try:
@@ -114,6 +122,7 @@ def run(cases: list, families: list[ModuleType], config: Config, progress: bool 
     """Checks and times every case; returns the result the report, JSON and CSV are made of."""
     started = time.perf_counter()
     info = machine.describe(config.device)
+    info["malloc"] = config.malloc
     bar = Progress(len(cases), enabled=progress)
     rows, notes = [], []
     try:
@@ -131,7 +140,8 @@ def run(cases: list, families: list[ModuleType], config: Config, progress: bool 
         "machine_line": machine.line(info),
         "config": {"suite": config.suite, "dtype": dtype, "threads": config.threads, "repeat": config.repeat,
                    "warmup": config.warmup, "min_sample_s": config.min_sample_s,
-                   "compile_backend": config.compile_backend, "families": [m.FAMILY for m in families]},
+                   "compile_backend": config.compile_backend, "malloc": config.malloc,
+                   "families": [m.FAMILY for m in families]},
         "rows": rows,
         "notes": notes,
         "targets": report.evaluate_targets(targets, rows, config.threads, dtype),

@@ -50,6 +50,7 @@ class Config:
     compile_backend: str | None  # None: torch.compile providers are listed, not run (--no-compile)
     device: torch.device = torch.device("cpu")
     seed: int = 0
+    malloc: str = "default"  # or what machine.steady_malloc applied (--malloc steady)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,7 @@ def test_json_and_csv(smoke):
     _, out = smoke
     result = json.loads((out / "run.json").read_text())
     assert result["config"]["suite"] == "smoke" and result["machine"]["threads"] == 2
+    assert result["config"]["malloc"] == "default"
     rows = result["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
     assert {"diffusion", "random"} <= {r["family"] for r in ok}
@@ -102,6 +104,22 @@ def test_mismatch_fails_loudly(monkeypatch, capsys, keep_threads):
     captured = capsys.readouterr()
     assert "| wrong | **FAILED**" in captured.out and "FAILED rows" in captured.out
     assert "mismatch" in captured.out and "FAILED" in captured.err
+
+
+def test_steady_malloc(tmp_path):
+    """--malloc steady pins glibc's thresholds in its own process and says so with the machine."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--suite", "smoke", "--only", "random", "--no-compile", "--no-progress",
+         "--malloc", "steady", "--json", str(tmp_path / "run.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert result["config"]["malloc"] == result["machine"]["malloc"]
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert result["config"]["malloc"].startswith("steady (glibc: blocks up to ")
+        assert "· malloc steady (glibc" in proc.stdout
+    assert any(r["status"] == "ok" for r in result["rows"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -414,22 +414,6 @@ struct ScatterTable {
   int64_t l2_stride = 0;
 };
 
-// Requests the rows write_table_row(t, r) reads: its entries' contributions and its L2 row.
-template <typename T>
-void prefetch_table_row(const ScatterTable<T>& t, int64_t r, const BprOperands& op) {
-  const int64_t B = op.batch, d = op.d;
-  const auto lines = [](const void* p, int64_t bytes) {
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(static_cast<const char*>(p) + off);
-  };
-  if (t.kinds > 0) {
-    for (int64_t e = t.groups->start[r]; e < t.groups->start[r + 1]; ++e) {
-      const int64_t src = t.groups->source[e], k = src / B;
-      lines(t.contrib[k] + (src - k * B) * d, d * static_cast<int64_t>(sizeof(acc_t<T>)));
-    }
-  }
-  if (t.l2 != nullptr) lines(t.l2 + r * t.l2_stride, d * static_cast<int64_t>(sizeof(T)));
-}
-
 template <typename T>
 void write_table_row(const ScatterTable<T>& t, int64_t r, const BprOperands& op, acc_t<T>* acc) {
   using A = acc_t<T>;
@@ -540,18 +524,13 @@ void bpr_backward(const BprOperands& op) {
         return r;
       };
       int64_t r = i - offset[k];
-      int64_t next = next_with_entries(r);
-      if (next < stop) prefetch_table_row(table, next, op);
       while (r < stop) {
+        const int64_t next = next_with_entries(r);
         if (next > r) {  // rows without entries: one memset for the run
           std::memset(static_cast<void*>(table.out + r * d), 0, static_cast<size_t>((next - r) * d) * sizeof(T));
           r = next;
           continue;
         }
-        // the rows this one's successor reads are requested now, and arrive during this row and
-        // the memset of the empty run between them
-        next = next_with_entries(r + 1);
-        if (next < stop) prefetch_table_row(table, next, op);
         write_table_row(table, r, op, acc.data());
         ++r;
       }

@@ -47,6 +47,7 @@ class Row:
     p50_ms: float | None = None
     p80_ms: float | None = None
     samples: int = 0
+    sample_ms: list[float] | None = None  # per timing round, in round order
     calls_per_sample: int = 0
     faults_per_call: float | None = None
     gbps: float | None = None
@@ -127,7 +128,7 @@ def run_case(case: Case, config: Config, on_step: Callable[[str], None] = lambda
         for role, column in ROLE_COLUMNS.items():
             base = baselines.get(role)
             if base is not None and base.status == OK and base.p50_ms and r.p50_ms:
-                setattr(r, column, base.p50_ms / r.p50_ms)
+                setattr(r, column, timing.paired_ratio(base.sample_ms, r.sample_ms))
     return [rows[i] for i in sorted(rows)] + [copy_row]
 
 
@@ -168,6 +169,7 @@ def _copy_runner(bytes_moved: int, device: torch.device) -> Callable[[], torch.T
 def _fill(r: Row, t: timing.Timing, bytes_moved: int, copy: timing.Timing) -> None:
     r.p20_ms, r.p50_ms, r.p80_ms = t.p20 * 1e3, t.p50 * 1e3, t.p80 * 1e3
     r.samples, r.calls_per_sample, r.faults_per_call = len(t.samples), t.calls_per_sample, t.faults_per_call
+    r.sample_ms = [v * 1e3 for v in t.samples]
     r.gbps = bytes_moved / t.p50 / 1e9
     if copy.samples:
         r.copy_share = (bytes_moved / t.p50) / (8 * max(1, bytes_moved // 8) / copy.p50)

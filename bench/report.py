@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench.core import Target
 from bench.harness import COPY, FAILED, OK, UNAVAILABLE
+from bench.timing import paired_ratio
 
 FORMAT = 1  # version of the JSON layout
 
@@ -21,6 +22,8 @@ LEGEND = (
     "vs compile: over `torch.compile` of that same code (allocating, as people run it). "
     "vs compile in-place: over its best form (compiled, writing a preallocated tensor with `copy_`), "
     "the like-for-like baseline of in-place rows. "
+    "Every speed-up is the median over the timing rounds of the ratio within a round (the providers take "
+    "their samples in the same rounds), so drift of the machine during the run cancels. "
     "GB/s: bytes the op must read and write (not page faults) per second; % copy: share of the GB/s of "
     "`dst.copy_(src)` moving the same bytes between preallocated tensors in the same run, interleaved (the copy "
     "also reads each destination line before writing it, which an op that updates its input in place does not, "
@@ -125,7 +128,8 @@ def evaluate_targets(targets: list[Target], rows: list[dict], threads: int, dtyp
             if base is None or base["status"] != OK:
                 entry["why"] = f"not measured: {t.baseline} did not run"
             else:
-                entry["measured"] = base["p50_ms"] / r["p50_ms"]
+                entry["measured"] = paired_ratio(base.get("sample_ms") or [base["p50_ms"]],
+                                                 r.get("sample_ms") or [r["p50_ms"]])
         elif r.get(t.metric) is None:
             entry["why"] = "not measured: its baseline did not run"
         else:

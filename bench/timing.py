@@ -55,6 +55,15 @@ def quantile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def paired_ratio(base: list[float], own: list[float]) -> float:
+    """How many times faster ``own`` is than ``base``: the median over rounds of the ratio of the
+    two samples taken in the same round (so drift of the machine during the run cancels), or
+    the ratio of the medians when the sample lists do not pair up."""
+    if base and len(base) == len(own) and all(v > 0 for v in own):
+        return quantile([b / o for b, o in zip(base, own)], 0.5)
+    return quantile(base, 0.5) / quantile(own, 0.5)
+
+
 def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

@@ -106,6 +106,15 @@ def test_mismatch_fails_loudly(monkeypatch, capsys, keep_threads):
     assert "mismatch" in captured.out and "FAILED" in captured.err
 
 
+def test_paired_ratio():
+    """Speed-ups pair the samples of one round: the median of per-round ratios, not the ratio of medians."""
+    from bench.timing import paired_ratio
+
+    assert paired_ratio([10.0, 30.0, 20.0], [1.0, 1.5, 4.0]) == 10.0  # rounds: 10x, 20x, 5x
+    assert paired_ratio([10.0, 30.0, 20.0], [2.0, 4.0]) == 20.0 / 3.0  # unpaired: medians 20 / 3
+    assert paired_ratio([6.0], [2.0]) == 3.0
+
+
 def test_steady_malloc(tmp_path):
     """--malloc steady pins glibc's thresholds in its own process and says so with the machine."""
     proc = subprocess.run(

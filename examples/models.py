@@ -42,13 +42,17 @@ class ModelMeanType(enum.Enum):
     EPSILON = enum.auto()  # the denoiser predicts the noise
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(nn.Module):
     """DiffRec's ``GaussianDiffusion``, inference path: linear-var schedule, float64 tables,
-    ``p_sample(model, x_start, steps, sampling_noise)``."""
+    ``p_sample(model, x_start, steps, sampling_noise)``. ``clamp``: DDRM's variant, where a
+    timestep t >= T reads the last table entry (and ``steps`` may exceed T)."""
 
     def __init__(self, mean_type: ModelMeanType = ModelMeanType.START_X, noise_scale: float = 0.1,
-                 noise_min: float = 1e-4, noise_max: float = 0.02, steps: int = 5, beta_fixed: bool = True) -> None:
+                 noise_min: float = 1e-4, noise_max: float = 0.02, steps: int = 5, beta_fixed: bool = True,
+                 clamp: bool = False) -> None:
+        super().__init__()
         self.mean_type = mean_type
+        self.clamp = clamp
         self.noise_scale, self.noise_min, self.noise_max, self.steps = noise_scale, noise_min, noise_max, steps
         if noise_scale != 0.0:
             self.betas = torch.tensor(self.get_betas(), dtype=torch.float64)
@@ -82,6 +86,7 @@ class GaussianDiffusion:
 
     def p_sample(self, model, x_start: torch.Tensor, steps: int, sampling_noise: bool = False) -> torch.Tensor:
         """Start at ``x_start`` (steps == 0) or ``q_sample(x_start, steps - 1)``, then all T reverse steps."""
+        assert steps <= self.steps or self.clamp, "Too much steps in inference."
         if steps == 0:
             x_t = x_start
         else:
@@ -97,9 +102,9 @@ class GaussianDiffusion:
             if sampling_noise:
                 noise = torch.randn_like(x_t)
                 nonzero_mask = (t != 0).float().view(-1, *([1] * (x_t.dim() - 1)))
-                x_t = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
+                x_t = out["model_mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
             else:
-                x_t = out["mean"]
+                x_t = out["model_mean"]
         return x_t
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,13 +120,14 @@ class GaussianDiffusion:
         else:
             pred_xstart = (self._extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x.shape) * x
                            - self._extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x.shape) * model_output)
-        mean = (self._extract_into_tensor(self.posterior_mean_coef1, t, x.shape) * pred_xstart
-                + self._extract_into_tensor(self.posterior_mean_coef2, t, x.shape) * x)
-        return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart}
+        model_mean = (self._extract_into_tensor(self.posterior_mean_coef1, t, x.shape) * pred_xstart
+                      + self._extract_into_tensor(self.posterior_mean_coef2, t, x.shape) * x)
+        return {"model_mean": model_mean, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
-    @staticmethod
-    def _extract_into_tensor(arr: torch.Tensor, timesteps: torch.Tensor, broadcast_shape) -> torch.Tensor:
+    def _extract_into_tensor(self, arr: torch.Tensor, timesteps: torch.Tensor, broadcast_shape) -> torch.Tensor:
         """``arr[t]`` cast to float32, broadcast to the batch's shape."""
+        if self.clamp:
+            timesteps = torch.clamp(torch.as_tensor(timesteps), max=len(arr) - 1)
         res = arr[timesteps].float()
         while res.dim() < len(broadcast_shape):
             res = res[..., None]

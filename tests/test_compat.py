@@ -1,14 +1,11 @@
 """diffcore.compat adapters and diffcore.nn samplers against independent stand-ins.
 
-The stand-ins transcribe the public code's maths and RNG order (DiffRec's GaussianDiffusion,
-LightGCN-PyTorch's computer(), DreamRec's / DiffuRec's reverse loops) in plain torch; they never
-call diffcore."""
+The stand-ins transcribe the public code's maths and RNG order (DiffRec's GaussianDiffusion, from
+examples/models.py, which the e2e bench runs too; LightGCN-PyTorch's computer(), DreamRec's /
+DiffuRec's reverse loops) in plain torch; they never call diffcore."""
 
 from __future__ import annotations
 
-import enum
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,115 +13,12 @@ from torch import nn
 import diffcore
 import diffcore.nn
 from diffcore.compat import diffrec, lightgcn
+from examples.models import GaussianDiffusion, ModelMeanType
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-# --- a GaussianDiffusion written like DiffRec's ---------------------------------------------------
-class ModelMeanType(enum.Enum):
-    START_X = enum.auto()
-    EPSILON = enum.auto()
-
-
-class GaussianDiffusion(nn.Module):
-    def __init__(self, mean_type, noise_scale, noise_min, noise_max, steps, beta_fixed=True, clamp=False):
-        super().__init__()
-        self.mean_type = mean_type
-        self.noise_scale = noise_scale
-        self.noise_min = noise_min
-        self.noise_max = noise_max
-        self.steps = steps
-        self.clamp = clamp  # DDRM: t >= T reads the last table entry
-        if noise_scale != 0.0:
-            self.betas = torch.tensor(self.get_betas(), dtype=torch.float64)
-            if beta_fixed:
-                self.betas[0] = 0.00001
-            self.calculate_for_diffusion()
-
-    def get_betas(self):  # linear-var
-        start, end = self.noise_scale * self.noise_min, self.noise_scale * self.noise_max
-        variance = np.linspace(start, end, self.steps, dtype=np.float64)
-        alpha_bar = 1 - variance
-        betas = [1 - alpha_bar[0]]
-        for i in range(1, self.steps):
-            betas.append(min(1 - alpha_bar[i] / alpha_bar[i - 1], 0.999))
-        return np.array(betas)
-
-    def calculate_for_diffusion(self):
-        alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(alphas, axis=0)
-        self.alphas_cumprod_prev = torch.cat([torch.tensor([1.0]), self.alphas_cumprod[:-1]])
-        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
-        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod - 1)
-        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1].unsqueeze(0), self.posterior_variance[1:]])
-        )
-        self.posterior_mean_coef1 = self.betas * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - self.alphas_cumprod)
-
-    def p_sample(self, model, x_start, steps, sampling_noise=False):
-        assert steps <= self.steps or self.clamp, "Too much steps in inference."
-        if steps == 0:
-            x_t = x_start
-        else:
-            t = torch.tensor([steps - 1] * x_start.shape[0])
-            x_t = self.q_sample(x_start, t)
-        indices = list(range(self.steps))[::-1]
-        if self.noise_scale == 0.0:
-            for i in indices:
-                t = torch.tensor([i] * x_t.shape[0])
-                x_t = model(x_t, t)
-            return x_t
-        for i in indices:
-            t = torch.tensor([i] * x_t.shape[0])
-            out = self.p_mean_variance(model, x_t, t)
-            if sampling_noise:
-                noise = torch.randn_like(x_t)
-                nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x_t.shape) - 1)))
-                x_t = out["model_mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
-            else:
-                x_t = out["model_mean"]
-        return x_t
-
-    def q_sample(self, x_start, t, noise=None):
-        if noise is None:
-            noise = torch.randn_like(x_start)
-        return (
-            self._extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + self._extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
-        )
-
-    def q_posterior_mean_variance(self, x_start, x_t, t):
-        return (
-            self._extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + self._extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t
-        )
-
-    def p_mean_variance(self, model, x, t):
-        model_output = model(x, t)
-        model_log_variance = self._extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-        if self.mean_type == ModelMeanType.START_X:
-            pred_xstart = model_output
-        else:
-            pred_xstart = (
-                self._extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x.shape) * x
-                - self._extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x.shape) * model_output
-            )
-        model_mean = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return {"model_mean": model_mean, "log_variance": model_log_variance}
-
-    def _extract_into_tensor(self, arr, timesteps, broadcast_shape):
-        if self.clamp:
-            timesteps = torch.clamp(torch.as_tensor(timesteps), max=len(arr) - 1)
-        res = arr[timesteps].float()
-        while len(res.shape) < len(broadcast_shape):
-            res = res[..., None]
-        return res.expand(broadcast_shape)
-
-
+# --- DiffRec: GaussianDiffusion is the examples' transcription (DDRM's clamp included) ---------------
 class Denoiser(nn.Module):
     """A DiffRec DNN-like denoiser: time embedding + MLP; it draws no random numbers in eval."""
 

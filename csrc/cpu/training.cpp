@@ -399,17 +399,16 @@ inline Grouping group_entries(int64_t rows, std::initializer_list<const int64_t*
   return g;
 }
 
-// One dense (rows, d) gradient table, every row written once: sign[k] * contrib[k][b] summed over
-// its entries (k, b) (kinds = 0: none), plus, with an L2 term, wd * (sum of the entries' g) * l2[r];
+// One dense (rows, d) gradient table, every row written once: sign[k] * contrib[b] summed over its
+// entries (k, b) (contrib null: none), plus, with an L2 term, wd * (sum of the entries' g) * l2[r];
 // rows without entries get zeros.
 template <typename T>
 struct ScatterTable {
   T* out = nullptr;
   int64_t rows = 0;
   const Grouping* groups = nullptr;
-  int kinds = 0;
-  const acc_t<T>* contrib[2] = {nullptr, nullptr};  // (batch, d) each
-  acc_t<T> sign[2] = {0, 0};
+  const acc_t<T>* contrib = nullptr;  // (batch, d)
+  acc_t<T> sign[2] = {0, 0};          // per index array k
   const T* l2 = nullptr;
   int64_t l2_stride = 0;
 };
@@ -424,9 +423,9 @@ void write_table_row(const ScatterTable<T>& t, int64_t r, const BprOperands& op,
   for (int64_t e = t.groups->start[r]; e < t.groups->start[r + 1]; ++e) {
     const int64_t src = t.groups->source[e], k = src / B, b = src - k * B;
     gsum += static_cast<A>(op.row_grad[b]);
-    if (t.kinds == 0) continue;
+    if (t.contrib == nullptr) continue;
     const V vs(t.sign[k]);
-    const A* x = t.contrib[k] + b * d;
+    const A* x = t.contrib + b * d;
     int64_t j = 0;
     for (; j + V::size() <= d; j += V::size()) at::vec::fmadd(vs, V::loadu(x + j), V::loadu(acc + j)).store(acc + j);
     for (; j < d; ++j) acc[j] += t.sign[k] * x[j];
@@ -472,15 +471,13 @@ void bpr_backward(const BprOperands& op) {
   user.out = static_cast<T*>(op.g_user);
   user.rows = op.user_rows;
   user.groups = &by_user;
-  user.kinds = 1;
-  user.contrib[0] = user_contrib.get();
+  user.contrib = user_contrib.get();
   user.sign[0] = A(1);
   ScatterTable<T>& item = tables[1];
   item.out = static_cast<T*>(op.g_item);
   item.rows = op.item_rows;
   item.groups = &by_item;
-  item.kinds = 2;
-  item.contrib[0] = item.contrib[1] = item_contrib.get();
+  item.contrib = item_contrib.get();
   item.sign[0] = A(-1);
   item.sign[1] = A(1);
   if (op.weight_decay != 0.0 && !ego) {  // MF-BPR: the L2 term is on the scored rows

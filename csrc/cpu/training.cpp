@@ -8,7 +8,9 @@
 //                    backward: d/dm = 2 s (m - target), or s c4 (x0 - x0_hat); s = g w / (pt N)
 //   history update   DiffRec's loop over the batch, in batch order (a full history shifts).
 //   BPR              loss_b = softplus(<u, n> - <u, p>) + wd / 2 (|u0|^2 + |p0|^2 + |n0|^2),
-//                    rows gathered by index (prefetched a few batch rows ahead), never stored.
+//                    rows gathered by index, never stored: a task's gathers and dot products
+//                    run first in a short loop (its rows' misses overlap), then the softplus /
+//                    sigmoid tail over the task's scores.
 //                    Backward: each batch row's score contributions (c (n - p), c u) computed
 //                    once, then every table row written once, in order: the sum of its entries'
 //                    contributions (grouped by a stable counting sort: batch order) plus its L2
@@ -250,7 +252,7 @@ void diffusion_loss_backward_kernel(const LossOperands& op, at::ScalarType dtype
 // --- BPR -------------------------------------------------------------------------------------
 // sum_k a[k] * (b[k] - c[k]); c null: sum_k a[k] * b[k].
 template <typename T>
-acc_t<T> dot_diff(const T* a, const T* b, const T* c, int64_t d) {
+C10_ALWAYS_INLINE acc_t<T> dot_diff(const T* a, const T* b, const T* c, int64_t d) {
   using A = acc_t<T>;
   using V = AVec<T>;
   constexpr int64_t kStep = 2 * V::size();
@@ -314,42 +316,34 @@ inline BprRows<T> bpr_rows(const BprOperands& op, int64_t b) {
   return r;
 }
 
-// The gathered rows are scattered over tables far larger than the caches: each row is a few
-// dependent-free cache misses, so the rows of batch row b + kPrefetch are requested while b runs.
-constexpr int64_t kPrefetch = 4;
-
-template <typename T>
-inline void prefetch_rows(const BprOperands& op, int64_t b, bool with_ego) {
-  const BprRows<T> r = bpr_rows<T>(op, b);
-  const int64_t bytes = op.d * static_cast<int64_t>(sizeof(T));
-  const T* rows[] = {r.u, r.p, r.n, r.u0, r.p0, r.n0};
-  const int count = with_ego && op.user_ego != nullptr ? 6 : 3;
-  for (int i = 0; i < count; ++i)
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(reinterpret_cast<const char*>(rows[i]) + off);
-}
-
 // Batch rows per task: at least 64K gathered values (a batch of 1,024 rows at d = 64), below which
 // a parallel region costs more than the latency-bound gathers it shares out.
 inline int64_t bpr_grain(int64_t d) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, d)); }
+
+// <u, n - p> of batch rows begin .. end - 1, and with sq non-null the L2 sums |u0|^2 + |p0|^2 +
+// |n0|^2: a loop of gathers and dot products only (the tail's exp / log1p calls kept out of it
+// let the out-of-order core overlap the misses of many rows; 20% faster than one loop here).
+template <typename T>
+void bpr_scores(const BprOperands& op, int64_t begin, int64_t end, acc_t<T>* score, acc_t<T>* sq) {
+  const T* none = nullptr;
+  for (int64_t b = begin; b < end; ++b) {
+    const BprRows<T> r = bpr_rows<T>(op, b);
+    score[b - begin] = dot_diff(r.u, r.n, r.p, op.d);
+    if (sq != nullptr)
+      sq[b - begin] = dot_diff(r.u0, r.u0, none, op.d) + dot_diff(r.p0, r.p0, none, op.d) + dot_diff(r.n0, r.n0, none, op.d);
+  }
+}
 
 template <typename T>
 void bpr_forward(const BprOperands& op) {
   using A = acc_t<T>;
   const bool reg = op.weight_decay != 0.0;
+  const A half_wd = static_cast<A>(0.5 * op.weight_decay);
   at::parallel_for(0, op.batch, bpr_grain(op.d), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < std::min(end, begin + kPrefetch); ++b) prefetch_rows<T>(op, b, reg);
-    for (int64_t b = begin; b < end; ++b) {
-      if (b + kPrefetch < end) prefetch_rows<T>(op, b + kPrefetch, reg);
-      const BprRows<T> r = bpr_rows<T>(op, b);
-      A loss = softplus(dot_diff(r.u, r.n, r.p, op.d));
-      if (reg) {
-        const A sq = dot_diff(r.u0, r.u0, static_cast<const T*>(nullptr), op.d) +
-                     dot_diff(r.p0, r.p0, static_cast<const T*>(nullptr), op.d) +
-                     dot_diff(r.n0, r.n0, static_cast<const T*>(nullptr), op.d);
-        loss += static_cast<A>(0.5 * op.weight_decay) * sq;
-      }
-      op.rows[b] = static_cast<double>(loss);
-    }
+    std::vector<A> score(static_cast<size_t>(end - begin)), sq(reg ? score.size() : 0);
+    bpr_scores<T>(op, begin, end, score.data(), reg ? sq.data() : nullptr);
+    for (int64_t b = begin; b < end; ++b)
+      op.rows[b] = static_cast<double>(softplus(score[b - begin]) + (reg ? half_wd * sq[b - begin] : A(0)));
   });
 }
 
@@ -454,13 +448,14 @@ void bpr_backward(const BprOperands& op) {
   std::unique_ptr<A[]> user_contrib(new A[static_cast<size_t>(B * d)]);
   std::unique_ptr<A[]> item_contrib(new A[static_cast<size_t>(B * d)]);
   at::parallel_for(0, B, bpr_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < std::min(end, begin + kPrefetch); ++b) prefetch_rows<T>(op, b, false);
-    for (int64_t b = begin; b < end; ++b) {
-      if (b + kPrefetch < end) prefetch_rows<T>(op, b + kPrefetch, false);
+    std::vector<A> c(static_cast<size_t>(end - begin));
+    bpr_scores<T>(op, begin, end, c.data(), nullptr);
+    for (auto& v : c) v = sigmoid(v);
+    for (int64_t b = begin; b < end; ++b) {  // the rows again, now in cache
       const BprRows<T> r = bpr_rows<T>(op, b);
-      const A c = static_cast<A>(op.row_grad[b]) * sigmoid(dot_diff(r.u, r.n, r.p, d));
-      scaled_diff<T>(user_contrib.get() + b * d, c, r.n, r.p, d);
-      scaled_diff<T>(item_contrib.get() + b * d, c, r.u, static_cast<const T*>(nullptr), d);
+      const A cb = static_cast<A>(op.row_grad[b]) * c[b - begin];
+      scaled_diff<T>(user_contrib.get() + b * d, cb, r.n, r.p, d);
+      scaled_diff<T>(item_contrib.get() + b * d, cb, r.u, static_cast<const T*>(nullptr), d);
     }
   });
   // Pass 2: each table written once, row by row in order (a sequential stream, like a memset).

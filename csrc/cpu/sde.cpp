@@ -10,6 +10,10 @@
 // Pass 1 (the Langevin corrector only) sums per-row norms over fixed chunks of rows and then sums
 // the chunks in order, so g does not depend on the thread count. Seeded noise is not stored: pass 1
 // takes its norms from the Philox words (the Box-Muller radii, no sin/cos) and pass 2 draws it.
+// After pass 1, pass 2 walks each thread's rows last to first: the score and noise rows pass 1
+// read last are the ones still in cache (a 65,536 x 128 corrector + predictor step in place with
+// given noise, plus a copy resetting x: 12.3-12.7 -> 11.4-11.9 ms in an in-process A/B here).
+// Pass 2 has no reduction, so the order changes no value.
 // Compiled once per instruction set; the DEFAULT build also holds the op entry points.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -49,6 +53,7 @@ struct SdeOperands {
   int64_t abs_k_stride = 0;
   bool seeded = false;
   uint64_t seed = 0, offset = 0;
+  bool reverse = false;  // pass 2 walks each thread's tasks last to first (set after pass 1)
 };
 
 // Pass 1's result: sum over rows of ||z_r|| and of |k_r| ||score_r||.
@@ -228,7 +233,8 @@ void sde_step_kernel(const SdeOperands& op, at::ScalarType dtype) {
     const auto silent = segment_fn<T, T, false>(has_mean);
     at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
       alignas(64) float z[kBlock];
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t task = op.reverse ? end - 1 - (i - begin) : i;
         const int64_t r0 = task / col_blocks * group;
         const int64_t r1 = std::min(op.rows, r0 + group);
         const int64_t j0 = (task % col_blocks) * kBlock;
@@ -335,6 +341,7 @@ void run_sde_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor
     const NormSums sums = DIFFCORE_ISA_CALL(sde_norm_sums_kernel, op, x.scalar_type());
     const double n = static_cast<double>(rows);
     g = *snr * (sums.z / n) / (sums.s / n);
+    op.reverse = true;
   }
   std::vector<float> coefs(static_cast<size_t>(3 * R));
   for (int64_t r = 0; r < R; ++r) {

@@ -37,7 +37,18 @@ import scipy.sparse as sp
 import torch
 
 import diffcore
-from bench.core import ALLOCATING, EAGER, Case, Config, Inputs, Provider, Target, Workload, implementation_providers
+from bench.core import (
+    ALLOCATING,
+    EAGER,
+    Case,
+    Config,
+    Inputs,
+    Provider,
+    Target,
+    Workload,
+    dispatched,
+    implementation_providers,
+)
 from bench.sparse import power_law_interactions
 from diffcore.reference import linalg as ref
 
@@ -165,7 +176,7 @@ def _svd_case(matrix: Matrix, config: Config) -> Case:
     sparse = matrix.nnz is not None
     op = "linalg_sketch_csr" if sparse else "linalg_sketch"
     notes = list(NOTES)  # the case's own list: the checks add the accuracy lines to it
-    device_impl = "diffcore:cpu" if config.device.type == "cpu" else "diffcore:triton"
+    device_impl = f"diffcore:{dispatched(config.device)}"
     accuracy: dict[str, tuple[float, float]] = {}
 
     def check(name: str, limit: float = 0.05):

@@ -34,6 +34,7 @@ from bench.core import (
     Provider,
     Target,
     Workload,
+    dispatched,
     implementation_providers,
     mismatch,
 )
@@ -124,8 +125,8 @@ def _case(graph: Graph, config: Config, variant: str) -> Case:
         return lambda: diffcore.sparse.propagate(adj, e0, LAYERS)
 
     if backward:
-        name = "diffcore:cpu" if config.device.type == "cpu" else "diffcore:triton"
-        impl = diffcore.implementations("sparse_propagate")[name.split(":")[1]]
+        impl = diffcore.implementations("sparse_propagate")[dispatched(config.device)]
+        name = f"diffcore:{impl.name}"
         run = _autograd(lambda i: diffcore.sparse.propagate(i["adj"], i["e0"], LAYERS))
         providers = [Provider(name, ALLOCATING, setup=run, check=check, unavailable=impl.reason(config.device))]
         notes = []

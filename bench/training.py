@@ -16,7 +16,8 @@ Rows per workload:
 - ``info_nce`` on 2,048 x 64 (cosine, tau = 0.2): forward and forward+backward, against SELFRec's
   ``InfoNCE`` eager and compiled. Bytes: a and b read (with the backward, their gradients written).
 All are checked against the float32 reference (the item-table gradient for BPR) before timing.
-Forward rows time every registered implementation (``diffcore.use``); rows with a backward time the
+Forward rows time every registered implementation (``diffcore.use``; the one the dispatcher runs
+through the public call, see ``bench.core.implementation_providers``); rows with a backward time the
 public call through the dispatcher, as a training step runs it (like bench.sparse).
 """
 
@@ -36,6 +37,7 @@ from bench.core import (
     Target,
     Workload,
     compiled_provider,
+    dispatched,
     implementation_providers,
     mismatch,
 )
@@ -96,7 +98,7 @@ def _diffcore_providers(op: str, config: Config, call, check, numel: int, backwa
     registry's out form, a 150 MB copy for DiffRec's gradient."""
     if not backward:
         return implementation_providers(op, config, calls={ALLOCATING: call}, checks={ALLOCATING: check}, numel=numel)
-    name = "cpu" if config.device.type == "cpu" else "triton"
+    name = dispatched(config.device)
     reason = diffcore.implementations(op)[name].reason(config.device)
     return [Provider(f"diffcore:{name}", ALLOCATING, setup=call, check=check, unavailable=reason)], []
 

@@ -23,7 +23,7 @@
 //
 // Reductions use fixed partitions (kLossBlock columns, kNceRows rows, kNceParts ranges), so
 // values do not depend on the thread count. float16/bfloat16 compute in float32, float64 in
-// float64. Large fresh outputs are advised as transparent huge pages (empty_output).
+// float64. Large fresh outputs come from empty_output (memory.h).
 // Compiled once per instruction set; the DEFAULT build also holds the op entry points.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

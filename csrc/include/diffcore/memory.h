@@ -1,21 +1,27 @@
-// Fresh output tensors backed by transparent huge pages where the OS allows it.
+// Fresh output tensors, optionally backed by transparent huge pages (opt-in: DIFFCORE_HUGE_PAGES=1).
 //
 // A large fresh tensor is fresh memory from mmap: its first write takes one page fault per 4 KiB
-// page, and on these machines those faults cost more than the kernel that writes the tensor (a
-// 400 x 94,949 float32 output: ~37,000 faults, about 50 ms against a 10 ms step). Advising the
-// 2 MiB-aligned interior of the untouched memory as MADV_HUGEPAGE makes the first write take ~75
-// faults instead (about 17 ms here). It is a hint: without transparent huge pages ("never"), on
-// memory already touched, or off Linux it changes nothing; the values are never affected.
-// On a VM the first huge pages a process touches can be slow to back: on a 2-vCPU Intel guest the
-// first 3 to 5 such 400 x 94,949 steps of a process took ~260 ms each, then 31-40 ms (4 KiB pages
-// there: ~48 ms and 37,090 faults per call throughout). A loop that must never pay this writes in
-// place or into a reused `out=`.
+// page, and those faults can cost more than the kernel that writes the tensor (a 400 x 94,949
+// float32 output: ~37,000 faults). Advising the 2 MiB-aligned interior of the untouched memory as
+// MADV_HUGEPAGE makes the first write take ~800 faults instead. It is a hint: without transparent
+// huge pages ("never"), on memory already touched, or off Linux it changes nothing; the values are
+// never affected.
+//
+// It is off unless DIFFCORE_HUGE_PAGES=1 because its effect depends on the machine. On a 2-vCPU AMD
+// EPYC guest it took an allocating 400 x 94,949 step from ~108 to ~35 ms under load. On a 2-vCPU
+// Intel guest the same step took 39 ms with a p80 of 171 ms against a steady 55 ms without it,
+// and the seeded step 267 ms against 76 ms (one bench run each; the first 3 to 5 steps of every
+// process ~260 ms): likely the guest hands free 2 MiB blocks back to the host (free page
+// reporting) and the host backs them anew on the next fault. Loops that must not pay first-touch
+// faults at all write in place or into a reused `out=`.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -27,10 +33,19 @@ constexpr int64_t kHugePageBytes = int64_t{2} << 20;
 // Below this the faults are cheap, and the allocator may hand back memory already in use.
 constexpr int64_t kHugePageMinBytes = 2 * kHugePageBytes;
 
+// True when the environment sets DIFFCORE_HUGE_PAGES=1 (read once).
+inline bool huge_pages_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("DIFFCORE_HUGE_PAGES");
+    return v != nullptr && std::string_view(v) == "1";
+  }();
+  return enabled;
+}
+
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  if (!t.device().is_cpu() || bytes < kHugePageMinBytes) return;
+  if (!t.device().is_cpu() || bytes < kHugePageMinBytes || !huge_pages_enabled()) return;
   const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
   const auto mask = static_cast<uintptr_t>(kHugePageBytes - 1);
   const uintptr_t first = (start + mask) & ~mask, last = (start + static_cast<uintptr_t>(bytes)) & ~mask;

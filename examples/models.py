@@ -186,9 +186,27 @@ def random_interactions(n_users: int, n_items: int, nnz: int, seed: int = 0) -> 
     return torch.randint(0, n_users, (nnz,), generator=g), torch.randint(0, n_items, (nnz,), generator=g)
 
 
+def lightgcn_graph(n_users: int, n_items: int, users: torch.Tensor, items: torch.Tensor, *,
+                   binary: bool = True) -> torch.Tensor:
+    """LightGCN-PyTorch's ``Graph``: ``D^-1/2 [[0, R], [R^T, 0]] D^-1/2`` as a coalesced COO
+    tensor, degree 0 giving 0. ``binary``: a repeated interaction counts once; else repeats add up,
+    as LightGCN-PyTorch's scipy ``csr_matrix((ones, (users, items)))`` sums them."""
+    n = n_users + n_items
+    users, items = users.long(), items.long()
+    index = torch.stack([torch.cat([users, items + n_users]), torch.cat([items + n_users, users])])
+    A = torch.sparse_coo_tensor(index, torch.ones(index.shape[1]), (n, n), check_invariants=True).coalesce()
+    if binary:
+        A = torch.sparse_coo_tensor(A.indices(), torch.ones_like(A.values()), (n, n), check_invariants=True).coalesce()
+    d_inv = torch.sparse.sum(A, 1).to_dense().pow(-0.5)
+    d_inv[torch.isinf(d_inv)] = 0.0
+    idx = A.indices()
+    values = d_inv[idx[0]] * A.values() * d_inv[idx[1]]
+    return torch.sparse_coo_tensor(idx, values, (n, n), check_invariants=True).coalesce()
+
+
 class LightGCN(nn.Module):
-    """LightGCN-PyTorch's model at inference: ``Graph`` = ``D^-1/2 [[0, R], [R^T, 0]] D^-1/2`` as
-    a coalesced COO tensor (degree 0 gives 0), embeddings ~ N(0, 0.1^2), ``computer()``."""
+    """LightGCN-PyTorch's model at inference: ``Graph`` from :func:`lightgcn_graph` (binary),
+    embeddings ~ N(0, 0.1^2), ``computer()``."""
 
     def __init__(self, n_users: int, n_items: int, users: torch.Tensor, items: torch.Tensor, dim: int = 64,
                  n_layers: int = 3, seed: int = 0) -> None:
@@ -200,17 +218,7 @@ class LightGCN(nn.Module):
         with torch.no_grad():
             self.embedding_user.weight.normal_(0, 0.1, generator=g)
             self.embedding_item.weight.normal_(0, 0.1, generator=g)
-        n = n_users + n_items
-        users, items = users.long(), items.long()
-        index = torch.stack([torch.cat([users, items + n_users]), torch.cat([items + n_users, users])])
-        A = torch.sparse_coo_tensor(index, torch.ones(index.shape[1]), (n, n), check_invariants=True).coalesce()
-        ones = torch.ones_like(A.values())  # binary: a repeated interaction counts once
-        A = torch.sparse_coo_tensor(A.indices(), ones, (n, n), check_invariants=True).coalesce()
-        d_inv = torch.sparse.sum(A, 1).to_dense().pow(-0.5)
-        d_inv[torch.isinf(d_inv)] = 0.0
-        idx = A.indices()
-        values = d_inv[idx[0]] * A.values() * d_inv[idx[1]]
-        self.Graph = torch.sparse_coo_tensor(idx, values, (n, n), check_invariants=True).coalesce()
+        self.Graph = lightgcn_graph(n_users, n_items, users, items)
 
     def computer(self) -> tuple[torch.Tensor, torch.Tensor]:
         all_emb = torch.cat([self.embedding_user.weight, self.embedding_item.weight])

@@ -13,7 +13,7 @@ from torch import nn
 import diffcore
 import diffcore.nn
 from diffcore.compat import diffrec, lightgcn
-from examples.models import GaussianDiffusion, ModelMeanType
+from examples.models import GaussianDiffusion, ModelMeanType, lightgcn_graph
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -153,7 +153,7 @@ def test_diffrec_unsupported_inputs_fall_back():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-# --- a LightGCN written like LightGCN-PyTorch's ---------------------------------------------------
+# --- a LightGCN written like LightGCN-PyTorch's, training side too (edge dropout, forward) --------
 class LightGCN(nn.Module):
     def __init__(self, n_users, n_items, edges, n_layers=3, dim=8, dropout=False):
         super().__init__()
@@ -165,18 +165,7 @@ class LightGCN(nn.Module):
         self.embedding_item = nn.Embedding(n_items, dim)
         nn.init.normal_(self.embedding_user.weight, std=0.1)
         nn.init.normal_(self.embedding_item.weight, std=0.1)
-        users, items = edges
-        n = n_users + n_items
-        rows = torch.cat([users, items + n_users])
-        cols = torch.cat([items + n_users, users])
-        index = torch.stack([rows, cols])
-        A = torch.sparse_coo_tensor(index, torch.ones(rows.numel()), (n, n), check_invariants=True).coalesce()
-        deg = torch.sparse.sum(A, 1).to_dense()
-        d_inv = deg.pow(-0.5)
-        d_inv[torch.isinf(d_inv)] = 0.0
-        idx = A.indices()
-        vals = d_inv[idx[0]] * A.values() * d_inv[idx[1]]
-        self.Graph = torch.sparse_coo_tensor(idx, vals, (n, n), check_invariants=True).coalesce()
+        self.Graph = lightgcn_graph(n_users, n_items, *edges, binary=False)  # repeated edges add up
 
     def __dropout(self, keep_prob):
         size, index, values = self.Graph.size(), self.Graph.indices().t(), self.Graph.values()

@@ -158,7 +158,7 @@ def implementation_providers(
                 and numel > INTERPRETED_TRITON_MAX_ELEMENTS:
             reason = (f"Triton on CPU tensors runs interpreted (TRITON_INTERPRET=1), a correctness tool: "
                       f"run only up to {INTERPRETED_TRITON_MAX_ELEMENTS:,} elements (--suite smoke)")
-        public = name == dispatched(config.device) and config.device.type in DISPATCHED
+        public = DISPATCHED.get(config.device.type) == name
         for mode, call in calls.items():
             providers.append(Provider(
                 f"diffcore:{name}", mode, setup=call if public else _forced(name, call), check=checks[mode],

@@ -16,7 +16,8 @@
 // a binary search on crow[r] + kRowCost * r gives every thread the same number of gathered rows
 // (a power-law graph's hubs do not land on one thread). Each row is accumulated in registers,
 // vectorised over the feature dimension with at::vec (blocks of 8, 4, 2, 1 vectors, then a scalar
-// tail); float16/bfloat16 features accumulate in float32.
+// tail); float16/bfloat16 features accumulate in float32. The S_k buffers, which every layer
+// gathers from at random, are backed by huge pages where the OS allows (memory.h).
 //
 // Compiled once per instruction set; the DEFAULT build also holds the op entry points.
 #include <ATen/Parallel.h>
@@ -434,8 +435,8 @@ at::Tensor sparse_propagate(const at::Tensor& crow, const at::Tensor& col, const
   const auto acc_opts = x.options().dtype(acc);
   const at::Tensor combine = acc == x.scalar_type() ? out : empty_output({a.rows, d}, acc_opts);
   at::Tensor layer[2];
-  if (num_layers > 1) layer[1] = empty_output({a.rows, d}, acc_opts);
-  if (num_layers > 2) layer[0] = empty_output({a.rows, d}, acc_opts);
+  if (num_layers > 1) layer[1] = empty_gather_scratch({a.rows, d}, acc_opts);
+  if (num_layers > 2) layer[0] = empty_gather_scratch({a.rows, d}, acc_opts);
   PropagateOperands op;
   op.a = a;
   op.d = d;

@@ -372,6 +372,31 @@ def test_sphere_sampler(grad):
     torch.testing.assert_close(got.detach().norm(dim=1), torch.ones(B), **TOL)
 
 
+@pytest.mark.parametrize("sampler", ["dreamrec_batched", "dreamrec_two_calls", "diffurec"])
+def test_samplers_step_in_place_safely(sampler):
+    """Under no_grad the loops step one buffer in place: a denoiser output that shares memory with
+    that buffer (here: the input itself) is read before it is overwritten, so the result equals
+    the out-of-place loop's; an output of the wrong shape raises, naming model_out."""
+    T, B, d = 5, 3, 4
+    schedule = diffcore.Schedule.exp(T, dtype=torch.float32)
+    h, h_null = torch.randn(B, d), torch.randn(1, d)
+
+    def run(denoiser, grad):
+        torch.manual_seed(2)
+        with torch.set_grad_enabled(grad):
+            if sampler == "diffurec":
+                return diffcore.nn.DiffuRecSampler(lambda x, t: denoiser(x, h, t), schedule)(torch.randn(B, d))
+            batched = sampler == "dreamrec_batched"
+            return diffcore.nn.DreamRecSampler(denoiser, schedule, 2.0, batched=batched)(h, h_null)
+
+    def first_row(x, c, t):  # every row a view of x's first row, which the step writes first
+        return x[:1].expand_as(x)
+
+    torch.testing.assert_close(run(first_row, False), run(first_row, True).detach(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="model_out: expected shape"):
+        run(lambda x, c, t: x[:, :-1], False)
+
+
 def test_samplers_reject_bad_arguments():
     schedule = diffcore.Schedule.linear(4)
     with pytest.raises(TypeError):

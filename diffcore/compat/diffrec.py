@@ -35,7 +35,6 @@ from typing import Any, Callable
 
 import torch
 
-from diffcore import _checks
 from diffcore.diffusion import Schedule, p_step, q_sample, sample
 
 __all__ = ["accelerate", "AcceleratedDiffusion"]
@@ -154,13 +153,7 @@ class AcceleratedDiffusion:
         schedule = self._schedule_on(x_start.device)
         if torch.is_grad_enabled():
             return self._p_sample_autograd(model, x_start, steps, bool(sampling_noise), schedule)
-
-        def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = model(x_t, t)
-            # the loop writes x_t in place: a model output sharing its memory is copied first
-            return out.clone() if isinstance(out, torch.Tensor) and _checks.overlaps(out, x_t) else out
-
-        return sample(denoiser, x_start, schedule, steps=steps, noise=bool(sampling_noise), prediction=self.prediction)
+        return sample(model, x_start, schedule, steps=steps, noise=bool(sampling_noise), prediction=self.prediction)
 
     def _p_sample_autograd(self, model, x_start, steps, sampling_noise, schedule) -> torch.Tensor:
         """The loop out of place, so that autograd through the model still works."""

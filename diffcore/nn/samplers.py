@@ -26,7 +26,7 @@ from torch import nn
 
 from diffcore import _checks, sphere
 from diffcore.random import randn_
-from diffcore.diffusion import Schedule, p_step, sample
+from diffcore.diffusion import Schedule, _InPlaceSteps, p_step, sample
 
 __all__ = ["DreamRecSampler", "DiffuRecSampler", "SphereSampler"]
 
@@ -108,38 +108,41 @@ class DreamRecSampler(_Sampler):
                 randn_(x_T, seed=seed, offset=offset)
         _checks.float_tensor("x_T", x_T, ndim=2)
         schedule = self._schedule_on(x_T.device)
-        in_place = not torch.is_grad_enabled()
-        x = x_T.clone(memory_format=torch.contiguous_format) if in_place else x_T
-        stride = (x.numel() + 3) // 4
-        t_all = torch.arange(schedule.num_steps, device=x.device)
-        # the batched call's inputs, written in place every step under no_grad
+        stride = (x_T.numel() + 3) // 4
+        t_all = torch.arange(schedule.num_steps, device=x_T.device)
+        # row i: the timesteps of one call (B,), or of the batched call over [c; c_null] (2 B,)
+        t_rows = t_all.unsqueeze(1).expand(-1, 2 * B if self.batched else B)
         both = torch.cat([condition, null_condition]) if self.batched else None
-        xx = torch.empty((2 * B, x.shape[1]), dtype=x.dtype, device=x.device) if self.batched else None
-        tt = torch.empty(2 * B, dtype=torch.long, device=x.device)
-        noise_buf = torch.empty_like(x) if in_place and seed is None else None
-        for k, i in enumerate(reversed(range(schedule.num_steps)), start=1):
-            t = t_all[i : i + 1].expand(B)
-            if self.batched:
-                if in_place:
-                    xx[:B].copy_(x)
-                    xx[B:].copy_(x)
-                    tt.fill_(i)
-                    cond_out, uncond_out = self.denoiser(xx, both, tt).chunk(2)
+        if torch.is_grad_enabled():  # out of place, so autograd reaches through the denoiser
+            x = x_T
+            for k, i in enumerate(reversed(range(schedule.num_steps)), start=1):
+                if self.batched:
+                    cond_out, uncond_out = self.denoiser(torch.cat([x, x]), both, t_rows[i]).chunk(2)
                 else:
-                    cond_out, uncond_out = self.denoiser(torch.cat([x, x]), both, torch.cat([t, t])).chunk(2)
+                    cond_out = self.denoiser(x, condition, t_rows[i])
+                    uncond_out = self.denoiser(x, null_condition, t_rows[i])
+                noise = torch.randn_like(x) if i > 0 and seed is None else None
+                x = p_step(x, cond_out, t_all[i : i + 1], schedule, prediction=self.prediction, uncond_out=uncond_out,
+                           guidance_scale=self.guidance_scale, noise=noise, seed=seed if i > 0 else None,
+                           offset=offset + k * stride)
+            return x
+        # In place on one buffer. Batched, x is the first half of the denoiser's input [x; x] and
+        # one copy per step refreshes the second half.
+        xx = torch.empty((2 * B if self.batched else B, x_T.shape[1]), dtype=x_T.dtype, device=x_T.device)
+        x, mirror = xx[:B], xx[B:]
+        x.copy_(x_T)
+        step = _InPlaceSteps(x, schedule, prediction=self.prediction, variance="posterior",
+                             guidance_scale=self.guidance_scale)
+        noise_buf = torch.empty_like(x) if seed is None else None
+        for k, i in enumerate(reversed(range(schedule.num_steps)), start=1):
+            if self.batched:
+                mirror.copy_(x)
+                cond_out, uncond_out = self.denoiser(xx, both, t_rows[i]).chunk(2)
             else:
-                cond_out = self.denoiser(x, condition, t)
-                uncond_out = self.denoiser(x, null_condition, t)
-            noise = None
-            if i > 0 and seed is None:
-                noise = noise_buf.normal_() if in_place else torch.randn_like(x)
-            kwargs = dict(prediction=self.prediction, uncond_out=uncond_out, guidance_scale=self.guidance_scale,
-                          noise=noise, seed=seed if i > 0 else None, offset=offset + k * stride)
-            if in_place:
-                kwargs["uncond_out"] = _detached(uncond_out, x)
-                p_step(x, _detached(cond_out, x), t_all[i : i + 1], schedule, out=x, **kwargs)
-            else:
-                x = p_step(x, cond_out, t_all[i : i + 1], schedule, **kwargs)
+                cond_out = self.denoiser(x, condition, t_rows[i])
+                uncond_out = self.denoiser(x, null_condition, t_rows[i])
+            noise = noise_buf.normal_() if i > 0 and seed is None else None
+            step(i, cond_out, uncond_out, noise=noise, seed=seed if i > 0 else None, offset=offset + k * stride)
         return x
 
     def extra_repr(self) -> str:
@@ -169,10 +172,8 @@ class DiffuRecSampler(_Sampler):
                 noise = torch.empty_like(x).normal_(generator=generator) if self.noise else None
                 x = p_step(x, model_out, t, schedule, prediction=self.prediction, variance="beta", noise=noise)
             return x
-        return sample(
-            lambda x, t: _detached(self.denoiser(x, t), x), x_T, schedule, noise=self.noise,
-            prediction=self.prediction, variance="beta", generator=generator,
-        )
+        return sample(self.denoiser, x_T, schedule, noise=self.noise, prediction=self.prediction, variance="beta",
+                      generator=generator)
 
 
 class SphereSampler(_Sampler):

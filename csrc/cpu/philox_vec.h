@@ -54,11 +54,16 @@ inline void store2(T* p, const FVec& lo, const FVec& hi) {
 using UVec = __m512i;
 inline UVec u_set1(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
 inline UVec u_xor(UVec a, UVec b) { return _mm512_xor_si512(a, b); }
-inline UVec u_mullo(UVec a, UVec b) { return _mm512_mullo_epi32(a, b); }
-inline UVec u_mulhi(UVec a, UVec b) {
-  const UVec even = _mm512_srli_epi64(_mm512_mul_epu32(a, b), 32);
-  const UVec odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), _mm512_srli_epi64(b, 32));
-  return _mm512_mask_blend_epi32(0xAAAA, even, odd);
+// The high and low words of the 32x32->64 products of every lane: one vpmuludq for the even
+// lanes and one for the odd lanes (swapped into even position), no vpmulld; each word then moves
+// to its lane with one masked shuffle, off the multiply port. Against vpmulld for the low words
+// and shifts + blends for the high ones: randn of 400 x 94,949 in place 24.6-25.1 -> 20.2-21.6 ms
+// (alternating processes, same values bit for bit).
+inline void u_mulhilo(UVec a, UVec b, UVec& hi, UVec& lo) {
+  const UVec even = _mm512_mul_epu32(a, b);
+  const UVec odd = _mm512_mul_epu32(_mm512_shuffle_epi32(a, _MM_PERM_CDAB), _mm512_shuffle_epi32(b, _MM_PERM_CDAB));
+  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);  // even lanes: even's high word
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);  // odd lanes: odd's low word
 }
 inline UVec u_counter_lo(uint64_t first) {  // low words of first + 0 .. 15
   return _mm512_add_epi32(u_set1(static_cast<uint32_t>(first)),
@@ -101,11 +106,12 @@ inline void store_interleaved(float* out, __m512 z0, __m512 z1, __m512 z2, __m51
 using UVec = __m256i;
 inline UVec u_set1(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
 inline UVec u_xor(UVec a, UVec b) { return _mm256_xor_si256(a, b); }
-inline UVec u_mullo(UVec a, UVec b) { return _mm256_mullo_epi32(a, b); }
-inline UVec u_mulhi(UVec a, UVec b) {
-  const UVec even = _mm256_srli_epi64(_mm256_mul_epu32(a, b), 32);
-  const UVec odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
-  return _mm256_blend_epi32(even, odd, 0xAA);
+inline void u_mulhilo(UVec a, UVec b, UVec& hi, UVec& lo) {
+  constexpr int kSwap = 0xB1;  // (1, 0, 3, 2): the two words of every 64-bit lane swapped
+  const UVec even = _mm256_mul_epu32(a, b);
+  const UVec odd = _mm256_mul_epu32(_mm256_shuffle_epi32(a, kSwap), _mm256_shuffle_epi32(b, kSwap));
+  hi = _mm256_blend_epi32(_mm256_shuffle_epi32(even, kSwap), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_shuffle_epi32(odd, kSwap), 0xAA);
 }
 inline UVec u_counter_lo(uint64_t first) {  // low words of first + 0 .. 7
   return _mm256_add_epi32(u_set1(static_cast<uint32_t>(first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -204,8 +210,9 @@ inline void philox_words(uint64_t seed, uint64_t offset, uint64_t g0, UVec& w0, 
   const UVec m0 = u_set1(kPhiloxM0), m1 = u_set1(kPhiloxM1);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    const UVec hi0 = u_mulhi(x0, m0), lo0 = u_mullo(x0, m0);
-    const UVec hi1 = u_mulhi(x2, m1), lo1 = u_mullo(x2, m1);
+    UVec hi0, lo0, hi1, lo1;
+    u_mulhilo(x0, m0, hi0, lo0);
+    u_mulhilo(x2, m1, hi1, lo1);
     x0 = u_xor(u_xor(hi1, x1), u_set1(k0));
     x1 = lo1;
     x2 = u_xor(u_xor(hi0, x3), u_set1(k1));

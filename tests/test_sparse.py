@@ -154,6 +154,37 @@ def test_large_feature_blocks_and_threads():
     assert torch.equal(one, sparse.propagate(adj, x, 3))
 
 
+def test_kept_layer_buffers_between_and_across_calls():
+    """propagate keeps its layer buffers for the next call of the same shape (GatherScratch in
+    csrc/include/diffcore/memory.h): calls on graphs of other sizes in between, and calls running at
+    once on several Python threads, each get buffers of their own and the same results."""
+    import threading
+
+    graphs = [Adjacency.from_interactions(*interactions(n_u, n_i, nnz, seed, hub=True), n_u, n_i)
+              for n_u, n_i, nnz, seed in ((300, 500, 6000, 1), (120, 90, 900, 2))]
+    inputs = [(adj, features(adj, 64, torch.float32, seed=k)) for k, adj in enumerate(graphs)]
+    first = [sparse.propagate(adj, x, 4) for adj, x in inputs]
+    for adj, x in inputs[::-1] + inputs:
+        assert torch.equal(sparse.propagate(adj, x, 4), first[graphs.index(adj)])
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            adj, x = inputs[k % 2]
+            results[k] = [sparse.propagate(adj, x, 4) for _ in range(5)]
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k, outs in results.items():
+        assert all(torch.equal(out, first[k % 2]) for out in outs)
+
+
 # --- gradients ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("graph", ["directed", "self_loops_row", "weighted_eps"])
 def test_gradcheck(graph):

@@ -1,4 +1,5 @@
-// Fresh tensors a kernel allocates, optionally backed by transparent huge pages.
+// Tensors a kernel allocates: fresh outputs (optionally backed by transparent huge pages) and the
+// gather scratch it keeps between calls (always advised).
 //
 // A large fresh tensor is fresh memory from mmap: its first write takes one page fault per 4 KiB
 // page, and those faults can cost more than the kernel that writes the tensor (a 400 x 94,949
@@ -16,11 +17,15 @@
 // back to the host (free page reporting) and the host backs them anew on the next fault. Loops
 // that must not pay first-touch faults at all write in place or into a reused `out=`.
 //
-// Scratch that a kernel gathers rows from at random (empty_gather_scratch: propagate's layer
-// buffers) is always advised: there the pages are read millions of times, and the TLB misses
-// they save outweigh the faults. On that Intel guest a Gowalla-sized 3-layer propagate went from
-// 43-46 to 33-36 ms (d = 64, four alternating processes each); one SpMM over a huge-page input
-// ran 11.2-11.5 ms against 12.7-13.2 ms over the same values in 4 KiB pages.
+// Scratch that a kernel gathers rows from at random (GatherScratch: propagate's layer buffers) is
+// advised as huge pages and kept between calls: there the pages are read millions of times, so
+// the TLB misses the 2 MiB pages save matter, and keeping the buffers pays their first-touch
+// faults once per process rather than once per call. On that Intel guest, over 40 calls of a
+// Gowalla-sized 3-layer propagate (d = 64) per process, four processes each: fresh 4 KiB-page
+// buffers 43.8-46.8 ms median; fresh huge-page buffers 35.0-41.3 ms median but a p90 of
+// 45-104 ms (the slow 2 MiB faults above); kept huge-page buffers 34.4-34.6 ms median, 36.1-39.1
+// ms p90. One SpMM over a huge-page input ran 11.2-11.5 ms against 12.7-13.2 ms over the same
+// values in 4 KiB pages.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -28,6 +33,8 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
+#include <mutex>
 #include <string_view>
 
 #if defined(__linux__)
@@ -70,11 +77,52 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   return t;
 }
 
-// at::empty (contiguous), always advised: for internal buffers a kernel gathers rows from at random.
-inline at::Tensor empty_gather_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-  advise_huge_pages(t);
-  return t;
-}
+// A contiguous scratch tensor a kernel gathers rows from at random, for the length of one call:
+// a buffer of the same shape and dtype kept from an earlier call when one is free, else a fresh
+// one advised as huge pages; it is kept for the next call when this object goes. The process keeps
+// at most kGatherScratchKept buffers (the oldest go first); calls that run at once get their own.
+class GatherScratch {
+ public:
+  static constexpr size_t kGatherScratchKept = 2;  // propagate's two layer buffers
+
+  GatherScratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    {
+      std::lock_guard<std::mutex> lock(pool().mutex);
+      auto& kept = pool().kept;
+      for (auto it = kept.begin(); it != kept.end(); ++it) {
+        if (it->sizes() == sizes && it->options().dtype() == options.dtype() && it->device() == options.device()) {
+          tensor_ = std::move(*it);
+          kept.erase(it);
+          return;
+        }
+      }
+    }
+    tensor_ = at::empty(sizes, options);
+    advise_huge_pages(tensor_);
+  }
+  ~GatherScratch() {
+    if (!tensor_.defined()) return;
+    std::lock_guard<std::mutex> lock(pool().mutex);
+    auto& kept = pool().kept;
+    kept.push_back(std::move(tensor_));
+    if (kept.size() > kGatherScratchKept) kept.pop_front();
+  }
+  GatherScratch(const GatherScratch&) = delete;
+  GatherScratch& operator=(const GatherScratch&) = delete;
+
+  void* data() const { return tensor_.data_ptr(); }
+
+ private:
+  struct Pool {
+    std::mutex mutex;
+    std::deque<at::Tensor> kept;
+  };
+  // Never destroyed: the kept tensors must not be freed after the allocator at process exit.
+  static Pool& pool() {
+    static Pool* p = new Pool();
+    return *p;
+  }
+  at::Tensor tensor_;
+};
 
 }  // namespace diffcore

@@ -90,6 +90,12 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def apart_from(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it shares memory with ``x``, the buffer a loop writes in place
+    (a denoiser may return a view of its input)."""
+    return t.clone() if overlaps(t, x) else t
+
+
 def out_tensor(out: object, ref: torch.Tensor, others: dict[str, torch.Tensor | None]) -> torch.Tensor:
     """``out=`` must match ``ref``; it is ``ref`` itself (in place) or shares memory with no input."""
     out = like("out", out, ref, "x_t")

@@ -269,8 +269,7 @@ class _InPlaceSteps:
         self.impl = _registry.forced_for("diffusion_step", x_t.device)
 
     def _operand(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        _checks.like(name, out, self.x, "x_t")
-        return out.clone() if _checks.overlaps(out, self.x) else out
+        return _checks.apart_from(_checks.like(name, out, self.x, "x_t"), self.x)
 
     def __call__(self, i: int, model_out: torch.Tensor, uncond_out: torch.Tensor | None = None, *,
                  noise: torch.Tensor | None = None, seed: int | None = None, offset: int = 0) -> None:

@@ -38,11 +38,6 @@ def _check_schedule(schedule: object) -> Schedule:
     return schedule
 
 
-def _detached(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A denoiser output that shares memory with the buffer stepped in place is copied first."""
-    return out.clone() if _checks.overlaps(out, x) else out
-
-
 class _Sampler(nn.Module):
     def __init__(self, denoiser: Callable, schedule: Schedule) -> None:
         super().__init__()
@@ -113,36 +108,39 @@ class DreamRecSampler(_Sampler):
         # row i: the timesteps of one call (B,), or of the batched call over [c; c_null] (2 B,)
         t_rows = t_all.unsqueeze(1).expand(-1, 2 * B if self.batched else B)
         both = torch.cat([condition, null_condition]) if self.batched else None
-        if torch.is_grad_enabled():  # out of place, so autograd reaches through the denoiser
+        grad = torch.is_grad_enabled()
+        if not grad:  # in place on one buffer; batched, x is the first half of the input [x; x]
+            xx = torch.empty((2 * B if self.batched else B, x_T.shape[1]), dtype=x_T.dtype, device=x_T.device)
+            x, mirror = xx[:B], xx[B:]
+            x.copy_(x_T)
+            step = _InPlaceSteps(x, schedule, prediction=self.prediction, variance="posterior",
+                                 guidance_scale=self.guidance_scale)
+            noise_buf = torch.empty_like(x) if seed is None else None
+        else:  # out of place, so autograd reaches through the denoiser
             x = x_T
-            for k, i in enumerate(reversed(range(schedule.num_steps)), start=1):
-                if self.batched:
-                    cond_out, uncond_out = self.denoiser(torch.cat([x, x]), both, t_rows[i]).chunk(2)
-                else:
-                    cond_out = self.denoiser(x, condition, t_rows[i])
-                    uncond_out = self.denoiser(x, null_condition, t_rows[i])
-                noise = torch.randn_like(x) if i > 0 and seed is None else None
-                x = p_step(x, cond_out, t_all[i : i + 1], schedule, prediction=self.prediction, uncond_out=uncond_out,
-                           guidance_scale=self.guidance_scale, noise=noise, seed=seed if i > 0 else None,
-                           offset=offset + k * stride)
-            return x
-        # In place on one buffer. Batched, x is the first half of the denoiser's input [x; x] and
-        # one copy per step refreshes the second half.
-        xx = torch.empty((2 * B if self.batched else B, x_T.shape[1]), dtype=x_T.dtype, device=x_T.device)
-        x, mirror = xx[:B], xx[B:]
-        x.copy_(x_T)
-        step = _InPlaceSteps(x, schedule, prediction=self.prediction, variance="posterior",
-                             guidance_scale=self.guidance_scale)
-        noise_buf = torch.empty_like(x) if seed is None else None
-        for k, i in enumerate(reversed(range(schedule.num_steps)), start=1):
-            if self.batched:
+
+        def outputs(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """The conditional and unconditional outputs at t = i: one call or two."""
+            if not self.batched:
+                return self.denoiser(x, condition, t_rows[i]), self.denoiser(x, null_condition, t_rows[i])
+            if grad:
+                pair = torch.cat([x, x])
+            else:  # one copy refreshes the second half
                 mirror.copy_(x)
-                cond_out, uncond_out = self.denoiser(xx, both, t_rows[i]).chunk(2)
+                pair = xx
+            return self.denoiser(pair, both, t_rows[i]).chunk(2)
+
+        for k, i in enumerate(reversed(range(schedule.num_steps)), start=1):
+            cond_out, uncond_out = outputs(x, i)
+            noise = None
+            if i > 0 and seed is None:
+                noise = torch.randn_like(x) if grad else noise_buf.normal_()
+            kwargs = dict(noise=noise, seed=seed if i > 0 else None, offset=offset + k * stride)
+            if grad:
+                x = p_step(x, cond_out, t_all[i : i + 1], schedule, prediction=self.prediction, uncond_out=uncond_out,
+                           guidance_scale=self.guidance_scale, **kwargs)
             else:
-                cond_out = self.denoiser(x, condition, t_rows[i])
-                uncond_out = self.denoiser(x, null_condition, t_rows[i])
-            noise = noise_buf.normal_() if i > 0 and seed is None else None
-            step(i, cond_out, uncond_out, noise=noise, seed=seed if i > 0 else None, offset=offset + k * stride)
+                step(i, cond_out, uncond_out, **kwargs)
         return x
 
     def extra_repr(self) -> str:
@@ -208,7 +206,7 @@ class SphereSampler(_Sampler):
             noise = torch.randn_like(x) if self.noise and i > 0 else None
             kwargs = dict(prediction=self.prediction, variance=self.variance, noise=noise)
             if in_place:
-                sphere.p_step(x, _detached(model_out, x), t_all[i : i + 1], schedule, out=x, **kwargs)
+                sphere.p_step(x, _checks.apart_from(model_out, x), t_all[i : i + 1], schedule, out=x, **kwargs)
             else:
                 x = sphere.p_step(x, model_out, t_all[i : i + 1], schedule, **kwargs)
         return x

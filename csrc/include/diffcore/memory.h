@@ -101,7 +101,6 @@ class GatherScratch {
     advise_huge_pages(tensor_);
   }
   ~GatherScratch() {
-    if (!tensor_.defined()) return;
     std::lock_guard<std::mutex> lock(pool().mutex);
     auto& kept = pool().kept;
     kept.push_back(std::move(tensor_));

@@ -101,6 +101,27 @@ def test_tie_rule_and_masked_rows(name, k, as_tuple):
     _assert_exact(_topk(name, queries, k, items=items), _reference_topk(scores, k, [[]] * B))
 
 
+@pytest.mark.parametrize("scores_kind", ["distinct", "bunched", "infinite"])
+@pytest.mark.parametrize("k", [1, 7, 64, 300])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "history"])
+def test_long_rows_refill_the_candidate_buffer(scores_kind, k, masked):
+    """Rows long enough that the C++ kernel's candidate buffer (2k + 64) fills and is cut back many
+    times: distinct scores (the binned cut), scores bunched on a few values (ties across the cut;
+    the exact fallback) and +-inf among them; ascending rows make every item a candidate."""
+    g = torch.Generator().manual_seed(k)
+    B, n = 6, 6000
+    scores = torch.randn(B, n, generator=g, dtype=torch.float64).float()
+    if scores_kind == "bunched":
+        scores = (scores * 2).round() / 2
+    elif scores_kind == "infinite":
+        scores[:, ::97] = float("inf")
+        scores[:, 5::89] = -float("inf")
+    scores[-1] = torch.arange(n, dtype=torch.float32)  # every item beats the threshold
+    crow, col = _history(B, n, g, max_len=400) if masked else (None, None)
+    exclude = None if crow is None else (crow, col)
+    _assert_exact(_topk("cpu", scores, k, exclude=exclude), ref.topk(scores, None, k, crow, col))
+
+
 @pytest.mark.parametrize("name", IMPLS)
 def test_empty_batch_and_infinite_scores(name):
     empty = _topk(name, torch.empty(0, 7), 3)

@@ -121,8 +121,8 @@ INTERPRETED_TRITON_MAX_ELEMENTS = 100_000
 
 # The implementation diffcore's dispatcher runs for tensors of a device type. Its rows call the
 # public function with nothing forced: `diffcore.use(name)` routes through the registry's out form,
-# which allocates the output in Python, while the op allocates it in C++ (memory.h: with
-# DIFFCORE_HUGE_PAGES=1 advised as huge pages, which the forced path never did).
+# which allocates the output in Python, while the op allocates it in C++ (memory.h: from the block
+# pool, and with DIFFCORE_HUGE_PAGES=1 advised as huge pages, which the forced path never does).
 DISPATCHED = {"cpu": "cpu"}
 
 

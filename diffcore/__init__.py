@@ -27,9 +27,11 @@ __all__ = [
     "Schedule",
     "backends",
     "ddim_step",
+    "empty_cache",
     "implementations",
     "p_step",
     "p_step_",
+    "pool_stats",
     "q_sample",
     "random",
     "sample",
@@ -55,3 +57,21 @@ def backends(device: torch.device | str = "cpu") -> dict[str, str]:
     if status.get("cpu") == "live":
         status["cpu"] = f"live ({_library.cpu_isa()})"
     return status
+
+
+def pool_stats() -> dict[str, int]:
+    """What the block pool keeps now: ``{"blocks": n, "bytes": b}``.
+
+    The C++ kernels take every output and scratch tensor of 1 MiB or more from blocks that earlier
+    diffcore tensors of the same size freed (the most recently freed first), so a loop that
+    allocates the same large outputs every step gets mapped, cache-warm memory back instead of
+    fresh pages. The pool keeps at most 8 freed blocks and ``DIFFCORE_POOL_MB`` MiB (default 1024;
+    ``0`` turns it off), the oldest freed first beyond that."""
+    blocks, nbytes = _library._C.pool_kept() if _library._C is not None else (0, 0)
+    return {"blocks": blocks, "bytes": nbytes}
+
+
+def empty_cache() -> int:
+    """Frees every block the pool keeps (see :func:`pool_stats`); returns the bytes freed. Tensors
+    still in use are not affected."""
+    return _library._C.release_pool() if _library._C is not None else 0

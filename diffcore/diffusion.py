@@ -455,8 +455,8 @@ def sample(
     draws = seed is None and (noise or steps > 0)
     noise_buf = torch.empty_like(x_start, memory_format=torch.contiguous_format) if draws else None
     # The first write (the start's q_sample, else the first step) allocates x_t's buffer from
-    # x_start (no copy of x_start; see csrc/include/diffcore/memory.h for huge pages); the later
-    # steps write that buffer in place.
+    # x_start (no copy of x_start; from the block pool, see csrc/include/diffcore/memory.h); the
+    # later steps write that buffer in place.
     x_t, step = x_start, None
     options = dict(prediction=prediction, variance=variance, guidance_scale=guidance_scale or 0.0)
     if steps > 0:

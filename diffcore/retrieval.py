@@ -4,11 +4,12 @@ embeddings with the scores computed blockwise (never the whole (B, n_items) matr
 ``topk`` checks its arguments and calls the op ``torch.ops.diffcore.retrieval_topk`` (C++ on CPU:
 the scores of a block of items by one GEMM, then a buffer of candidates per row fed by a vectorised
 scan that skips every score not above the row's current threshold, cut back to its best k when
-full; Triton: per-block candidates merged by a stable sort). Its meaning is ``diffcore.reference.retrieval``: masked scores sorted stably, so ties
-go to the lower item id; a row with fewer than k unmasked items gets its masked items (score
-``-inf``) after them, in id order. NaN scores raise. From queries, each block's scores come from
-its own GEMM, which may round differently in the last bit from one whole ``queries @ items.T`` (and
-so order near-equal scores differently).
+full; Triton: per-block candidates merged by a stable sort). Its meaning is
+``diffcore.reference.retrieval``: masked scores sorted stably, so ties go to the lower item id; a
+row with fewer than k unmasked items gets its masked items (score ``-inf``) after them, in id
+order. NaN scores raise. From queries, each block's scores come from its own GEMM, which may round
+differently in the last bit from one whole ``queries @ items.T`` (and so order near-equal scores
+differently).
 """
 
 from __future__ import annotations

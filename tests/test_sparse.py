@@ -155,9 +155,10 @@ def test_large_feature_blocks_and_threads():
 
 
 def test_kept_layer_buffers_between_and_across_calls():
-    """propagate keeps its layer buffers for the next call of the same shape (GatherScratch in
-    csrc/include/diffcore/memory.h): calls on graphs of other sizes in between, and calls running at
-    once on several Python threads, each get buffers of their own and the same results."""
+    """propagate's layer buffers come back to the next call of the same shape from the block pool
+    (gather_scratch in csrc/include/diffcore/memory.h): calls on graphs of other sizes in between,
+    and calls running at once on several Python threads, each get buffers of their own and the same
+    results."""
     import threading
 
     graphs = [Adjacency.from_interactions(*interactions(n_u, n_i, nnz, seed, hub=True), n_u, n_i)

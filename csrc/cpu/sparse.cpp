@@ -17,8 +17,8 @@
 // (a power-law graph's hubs do not land on one thread). Each row is accumulated in registers,
 // vectorised over the feature dimension with at::vec (blocks of 8, 4, 2, 1 vectors, then a scalar
 // tail); float16/bfloat16 features accumulate in float32. The S_k buffers, which every layer
-// gathers from at random, are kept between calls and backed by huge pages where the OS allows
-// (GatherScratch, memory.h).
+// gathers from at random, come back to the next call from the block pool and are backed by huge
+// pages where the OS allows (gather_scratch, memory.h).
 //
 // Compiled once per instruction set; the DEFAULT build also holds the op entry points.
 #include <ATen/Parallel.h>
@@ -435,9 +435,9 @@ at::Tensor sparse_propagate(const at::Tensor& crow, const at::Tensor& col, const
   a.num_parts = static_cast<int64_t>(parts.size()) - 1;
   const auto acc_opts = x.options().dtype(acc);
   const at::Tensor combine = acc == x.scalar_type() ? out : empty_output({a.rows, d}, acc_opts);
-  std::optional<GatherScratch> layer[2];
-  if (num_layers > 1) layer[1].emplace(c10::IntArrayRef{a.rows, d}, acc_opts);
-  if (num_layers > 2) layer[0].emplace(c10::IntArrayRef{a.rows, d}, acc_opts);
+  at::Tensor layer[2];
+  if (num_layers > 1) layer[1] = gather_scratch({a.rows, d}, acc_opts);
+  if (num_layers > 2) layer[0] = gather_scratch({a.rows, d}, acc_opts);
   PropagateOperands op;
   op.a = a;
   op.d = d;
@@ -447,7 +447,7 @@ at::Tensor sparse_propagate(const at::Tensor& crow, const at::Tensor& col, const
   op.out_stride = out.stride(0);
   op.combine = combine.data_ptr();
   op.combine_stride = combine.stride(0);
-  for (int i = 0; i < 2; ++i) op.layer[i] = layer[i] ? layer[i]->data() : nullptr;
+  for (int i = 0; i < 2; ++i) op.layer[i] = layer[i].defined() ? layer[i].data_ptr() : nullptr;
   op.weights = weights.data();
   op.layers = num_layers;
   DIFFCORE_ISA_CALL(sparse_propagate_kernel, op, x.scalar_type());

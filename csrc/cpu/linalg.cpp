@@ -38,6 +38,7 @@
 
 #include <diffcore/checks.h>
 #include <diffcore/cpu_isa.h>
+#include <diffcore/memory.h>
 
 #include "csr.h"
 #include "philox_vec.h"
@@ -411,7 +412,7 @@ at::Tensor linalg_sketch(const at::Tensor& a_arg, int64_t k, c10::string_view ki
   check_real_dtype(a.scalar_type(), "A");
   const OmegaSpec o = omega_spec(kind, density, seed, offset, k);
   const int64_t m = a.size(0), n = a.size(1);
-  at::Tensor out = at::empty({m, k}, a.options());
+  at::Tensor out = empty_output({m, k}, a.options());
   if (m == 0 || k == 0) return out;
   if (n == 0) return out.zero_();
   TORCH_CHECK(DIFFCORE_ISA_CALL(all_finite_kernel, a.data_ptr(), a.scalar_type(), m, n, a.stride(0), a.stride(1)),
@@ -464,7 +465,7 @@ at::Tensor linalg_sketch_csr(const at::Tensor& crow, const at::Tensor& col, cons
     op.values64 = values->scalar_type() == at::kDouble;
   }
   const int64_t m = op.a.rows;
-  at::Tensor out = at::empty({m, k}, crow.options().dtype(dtype));
+  at::Tensor out = empty_output({m, k}, crow.options().dtype(dtype));
   if (m == 0 || k == 0) return out;
   out.zero_();
   if (n_cols == 0 && col.numel() == 0) return out;

@@ -157,7 +157,8 @@ def _select_providers(cases: list, spec: str) -> list:
     known = {p.name for case in cases for p in case.providers}
     unknown = [w for w in wanted if not any(w in name for name in known)]
     if unknown:
-        raise UsageError(f"--providers: no provider matches {', '.join(unknown)}; providers: {', '.join(sorted(known))}")
+        raise UsageError(
+            f"--providers: no provider matches {', '.join(unknown)}; providers: {', '.join(sorted(known))}")
     for case in cases:
         case.providers = [p for p in case.providers if p.role or any(w in p.name for w in wanted)]
     return cases

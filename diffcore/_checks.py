@@ -41,7 +41,9 @@ def like(name: str, x: object, ref: torch.Tensor, ref_name: str) -> torch.Tensor
     return x
 
 
-def timesteps(name: str, t: object, rows: int, num_steps: int, device: torch.device, clamp: bool = False) -> torch.Tensor:
+def timesteps(
+    name: str, t: object, rows: int, num_steps: int, device: torch.device, clamp: bool = False
+) -> torch.Tensor:
     """An int or an integer tensor of shape (rows,), (1,) or (); returned as int64 (rows,) or (1,).
 
     Ints are range-checked here; tensor values are checked by the kernel."""

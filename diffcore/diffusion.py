@@ -19,8 +19,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffcore import _checks, _registry
-from diffcore import _library  # noqa: F401  (defines the ops)
+from diffcore import (
+    _checks,
+    _library,  # noqa: F401  (defines the ops)
+    _registry,
+)
 
 __all__ = ["Schedule", "q_sample", "p_step", "p_step_", "ddim_step", "sample"]
 
@@ -74,10 +77,13 @@ class Schedule:
     # --- constructors ---------------------------------------------------------------------------
     @classmethod
     def from_betas(cls, betas: torch.Tensor | Sequence[float], *, noise_scale: float = 1.0) -> Schedule:
-        return cls(betas if isinstance(betas, torch.Tensor) else torch.tensor(betas, dtype=torch.float64), noise_scale=noise_scale)
+        betas = betas if isinstance(betas, torch.Tensor) else torch.tensor(betas, dtype=torch.float64)
+        return cls(betas, noise_scale=noise_scale)
 
     @classmethod
-    def linear(cls, T: int, beta_start: float = 1e-4, beta_end: float = 0.02, *, dtype: torch.dtype = torch.float64) -> Schedule:
+    def linear(
+        cls, T: int, beta_start: float = 1e-4, beta_end: float = 0.02, *, dtype: torch.dtype = torch.float64
+    ) -> Schedule:
         return cls(torch.linspace(beta_start, beta_end, _steps(T), dtype=dtype))
 
     @classmethod
@@ -116,7 +122,9 @@ class Schedule:
         return cls(betas, noise_scale=noise_scale)
 
     @classmethod
-    def exp(cls, T: int, beta_min: float = 0.1, beta_max: float = 10.0, *, dtype: torch.dtype = torch.float64) -> Schedule:
+    def exp(
+        cls, T: int, beta_min: float = 0.1, beta_max: float = 10.0, *, dtype: torch.dtype = torch.float64
+    ) -> Schedule:
         """DreamRec's ``exp_beta_schedule``."""
         T = _steps(T)
         x = torch.linspace(1, 2 * T + 1, T, dtype=torch.float64)
@@ -135,12 +143,15 @@ class Schedule:
         return self.betas.device
 
     def __repr__(self) -> str:
-        return f"Schedule(T={self.num_steps}, dtype={self.betas.dtype}, device={self.device}, noise_scale={self.noise_scale})"
+        return (f"Schedule(T={self.num_steps}, dtype={self.betas.dtype}, device={self.device}, "
+                f"noise_scale={self.noise_scale})")
 
     # --- coefficient tables of the fused step: (T, 3) rows (a, b, c) ---------------------------
     def q_table(self) -> torch.Tensor:
         """``q_sample``: ``sqrt(ab) x0 + sqrt(1 - ab) z``."""
-        return self._table(("q",), lambda: (self.sqrt_alphas_cumprod, torch.zeros_like(self.betas), self.sqrt_one_minus_alphas_cumprod))
+        return self._table(
+            ("q",), lambda: (self.sqrt_alphas_cumprod, torch.zeros_like(self.betas), self.sqrt_one_minus_alphas_cumprod)
+        )
 
     def p_table(self, prediction: str = "x0", variance: str = "posterior") -> torch.Tensor:
         """``p_step``: posterior mean ``c1 x0_hat + c2 x_t`` plus ``[t > 0] sigma_t z``."""
@@ -165,7 +176,9 @@ class Schedule:
 
         return self._table(("p", prediction, variance), build)
 
-    def ddim_table(self, t: int | torch.Tensor, t_prev: int | torch.Tensor, eta: float, prediction: str) -> torch.Tensor:
+    def ddim_table(
+        self, t: int | torch.Tensor, t_prev: int | torch.Tensor, eta: float, prediction: str
+    ) -> torch.Tensor:
         """DDIM from ``t`` to ``t_prev`` (``< 0``: to the data): one row, or one per row for tensors."""
         _choice("prediction", prediction, PREDICTIONS)
         T = self.num_steps
@@ -357,7 +370,9 @@ def p_step(
     return _run_step(x_t, model_out, uncond_out, guidance_scale, t, table, noise, seed, offset, clamp_t, out)
 
 
-def p_step_(x_t: torch.Tensor, model_out: torch.Tensor, t: int | torch.Tensor, schedule: Schedule, **kwargs) -> torch.Tensor:
+def p_step_(
+    x_t: torch.Tensor, model_out: torch.Tensor, t: int | torch.Tensor, schedule: Schedule, **kwargs
+) -> torch.Tensor:
     """:func:`p_step` written into ``x_t`` (no allocation); returns ``x_t``."""
     if "out" in kwargs:
         raise TypeError("p_step_: writes x_t in place and takes no out=")

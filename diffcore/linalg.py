@@ -63,8 +63,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffcore import _library  # noqa: F401  (defines the ops)
-from diffcore import _registry
+from diffcore import (
+    _library,  # noqa: F401  (defines the ops)
+    _registry,
+)
 from diffcore.reference.sparse import csr_rows
 from diffcore.sparse import Adjacency
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from diffcore import _checks, _registry
-from diffcore import _library  # noqa: F401  (defines the ops)
+from diffcore import (
+    _checks,
+    _library,  # noqa: F401  (defines the ops)
+    _registry,
+)
 
 __all__ = ["randn", "randn_"]
 

@@ -31,8 +31,11 @@ from typing import Callable
 
 import torch
 
-from diffcore import _checks, _registry
-from diffcore import _library  # noqa: F401  (defines the ops)
+from diffcore import (
+    _checks,
+    _library,  # noqa: F401  (defines the ops)
+    _registry,
+)
 from diffcore.diffusion import _run_step
 
 __all__ = [

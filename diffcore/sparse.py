@@ -26,8 +26,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from diffcore import _checks, _registry
-from diffcore import _library  # noqa: F401  (defines the ops)
+from diffcore import (
+    _checks,
+    _library,  # noqa: F401  (defines the ops)
+    _registry,
+)
 from diffcore.reference.sparse import csr_rows
 
 __all__ = ["Adjacency", "spmm", "propagate", "gcn_layer"]

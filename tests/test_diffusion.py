@@ -120,7 +120,8 @@ def test_ddim_step_matches_reference(name, prediction, eta, steps, schedule):
     x, m, _, z = make(shape, torch.float64, seed=7)
     t, t_prev = steps
     with diffcore.use(name):
-        got = diffcore.ddim_step(x.float(), m.float(), t, t_prev, schedule, eta=eta, prediction=prediction, noise=z.float())
+        got = diffcore.ddim_step(x.float(), m.float(), t, t_prev, schedule, eta=eta, prediction=prediction,
+                                 noise=z.float())
     # The truth is DDIM in float64 throughout. The reference (guided-diffusion's style, tables
     # gathered then cast to float32) is off by up to ~1e-4 in "x0" mode here: eps = (x - sqrt(ab) x0)
     # / sqrt(1 - ab) amplifies the cast near small t; the fused float64 coefficients do not.
@@ -213,8 +214,9 @@ def _step_args(schedule, **overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"noise": None, "seed": 7, "offset": 3}, {"f_uncond": None, "guidance": 0.0}, {"f": None, "f_uncond": None, "guidance": 0.0},
-     {"t": None, "table": torch.ones(1, 3, dtype=torch.float64)}, {"t": torch.tensor([50]), "clamp_t": True}],
+    [{}, {"noise": None, "seed": 7, "offset": 3}, {"f_uncond": None, "guidance": 0.0},
+     {"f": None, "f_uncond": None, "guidance": 0.0}, {"t": None, "table": torch.ones(1, 3, dtype=torch.float64)},
+     {"t": torch.tensor([50]), "clamp_t": True}],
     ids=["guided_noise", "seeded", "plain", "q_sample", "no_t", "clamped"],
 )
 def test_opcheck(overrides, schedule):
@@ -275,8 +277,10 @@ def test_sample_equals_diffrec_loop(steps, noise, schedule):
     model = Denoiser(97)
     x_start = torch.rand(6, 97)
     with torch.no_grad():
-        want = ref.sample(model, x_start, schedule, steps=steps, noise=noise, generator=torch.Generator().manual_seed(1))
-        got = diffcore.sample(model, x_start, schedule, steps=steps, noise=noise, generator=torch.Generator().manual_seed(1))
+        want = ref.sample(model, x_start, schedule, steps=steps, noise=noise,
+                          generator=torch.Generator().manual_seed(1))
+        got = diffcore.sample(model, x_start, schedule, steps=steps, noise=noise,
+                              generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -322,7 +326,8 @@ def test_sample_with_guidance_equals_dreamrec_loop():
         t = torch.full((5,), i)
         fc, fu = denoiser(x, t)
         x0 = (1 + 2.0) * fc - 2.0 * fu
-        mean = ref.extract(schedule.posterior_mean_coef1, t, x.shape) * x0 + ref.extract(schedule.posterior_mean_coef2, t, x.shape) * x
+        mean = (ref.extract(schedule.posterior_mean_coef1, t, x.shape) * x0
+                + ref.extract(schedule.posterior_mean_coef2, t, x.shape) * x)
         noise = torch.randn_like(x)
         x = mean if i == 0 else mean + torch.sqrt(ref.extract(schedule.posterior_variance, t, x.shape)) * noise
     torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-5)

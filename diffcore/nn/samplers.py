@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from diffcore import _checks, sphere
-from diffcore.random import randn_
 from diffcore.diffusion import Schedule, _InPlaceSteps, p_step, sample
+from diffcore.random import randn_
 
 __all__ = ["DreamRecSampler", "DiffuRecSampler", "SphereSampler"]
 

@@ -43,7 +43,9 @@ def q_sample(x0: torch.Tensor, t: int | torch.Tensor, schedule: Schedule, noise:
     )
 
 
-def predict_x0(x_t: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, schedule: Schedule, prediction: str) -> torch.Tensor:
+def predict_x0(
+    x_t: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, schedule: Schedule, prediction: str
+) -> torch.Tensor:
     if prediction == "x0":
         return model_out
     return (

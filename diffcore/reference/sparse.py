@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 
-
 def csr_rows(crow: torch.Tensor) -> torch.Tensor:
     """(nnz,) int64: the row of every nonzero of a CSR matrix with row pointers ``crow``."""
     return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())

@@ -13,6 +13,9 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -61,9 +64,16 @@ struct Kept {
   size_t bytes = 0;
 };
 
-// Never destroyed: tensors freed during interpreter shutdown still return their blocks here.
+// Never destroyed: tensors freed during interpreter shutdown still return their blocks here. A
+// fork waits for the pool's lock, so the child (a DataLoader worker, say) never starts with it held.
 Kept& kept() {
-  static Kept* k = new Kept();
+  static Kept* k = [] {
+    auto* created = new Kept();
+#if defined(__unix__)
+    pthread_atfork([] { kept().mutex.lock(); }, [] { kept().mutex.unlock(); }, [] { kept().mutex.unlock(); });
+#endif
+    return created;
+  }();
   return *k;
 }
 

@@ -6,6 +6,10 @@ and ids must match exactly, ties (many) included."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -120,6 +124,37 @@ def test_long_rows_refill_the_candidate_buffer(scores_kind, k, masked):
     crow, col = _history(B, n, g, max_len=400) if masked else (None, None)
     exclude = None if crow is None else (crow, col)
     _assert_exact(_topk("cpu", scores, k, exclude=exclude), ref.topk(scores, None, k, crow, col))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_every_instruction_set_build_agrees(isa):
+    """The scan's vector compare and lane masks differ per build: each build (forced with
+    ATEN_CPU_CAPABILITY, in a fresh process) against the reference on long rows, NaN included."""
+    if diffcore._library._C is None:
+        pytest.skip(f"the C++ extension is not loaded: {diffcore._library.EXTENSION_MISSING}")
+    code = (
+        "import torch, diffcore\n"
+        "from diffcore.reference import retrieval as ref\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "s = torch.randn(5, 3001, generator=g)\n"
+        "s[:, ::211] = float('inf')\n"
+        "crow, col = torch.tensor([0, 0, 40, 40, 90, 300]), torch.randint(0, 3001, (300,), generator=g)\n"
+        "ok = True\n"
+        "for k in (1, 20, 100):\n"
+        "    for x in (s, s.double()):\n"
+        "        got, want = diffcore.retrieval.topk(x, k, exclude=(crow, col)), ref.topk(x, None, k, crow, col)\n"
+        "        ok &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])\n"
+        "s[2, 2999] = float('nan')\n"
+        "try:\n"
+        "    diffcore.retrieval.topk(s, 5)\n"
+        "    ok = False\n"
+        "except ValueError:\n"
+        "    pass\n"
+        "print(diffcore._library.cpu_isa(), ok)\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert res.stdout.split() == [isa.upper(), "True"], res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("name", IMPLS)

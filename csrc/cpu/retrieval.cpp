@@ -170,16 +170,16 @@ template <typename A>
 bool scan_run(const A* s, int64_t i0, int64_t i1, Candidates<A>& c) {
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  constexpr uint64_t lanes = (uint64_t{1} << W) - 1;
   bool ok = true;
   int64_t i = i0;
   for (; i < i1 && c.n < c.k; ++i) ok &= c.offer(s[i - i0], i);
   for (; i + 2 * W <= i1; i += 2 * W) {
     const Vec thr(c.thr);
     const Vec a = Vec::loadu(s + (i - i0)), b = Vec::loadu(s + (i - i0) + W);
-    // A lane is set for a candidate (above the threshold) or a NaN (a != a); only those are offered.
-    uint64_t hits = (~static_cast<uint64_t>(((a > thr) | (a != a)).zero_mask()) & lanes) |
-                    ((~static_cast<uint64_t>(((b > thr) | (b != b)).zero_mask()) & lanes) << W);
+    // A bit is set where !(score <= thr): a candidate (above the threshold) or a NaN (unordered);
+    // only those lanes are offered.
+    uint64_t hits = static_cast<uint64_t>((a <= thr).zero_mask()) |
+                    (static_cast<uint64_t>((b <= thr).zero_mask()) << W);
     for (; hits; hits &= hits - 1) {
       const int64_t j = __builtin_ctzll(hits);
       ok &= c.offer(s[i - i0 + j], i + j);
@@ -287,7 +287,8 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-constexpr int64_t kRowBlock = 128;  // rows per GEMM (queries) and per task
+constexpr int64_t kRowBlock = 128;  // rows per GEMM and per task, from queries
+constexpr int64_t kScoreRowBlock = 8;  // rows per task, from scores: many tasks, so the threads end together
 constexpr int64_t kItemBlock = 1024;  // items per GEMM: a 128 x 1024 float32 block is 512 KiB
 constexpr int64_t kScoreChunk = 4096;  // items per scan of a scores row (converted dtypes)
 constexpr int64_t kSlack = 64;  // candidate buffer room beyond 2k
@@ -361,19 +362,20 @@ std::tuple<at::Tensor, at::Tensor> retrieval_topk(const at::Tensor& x_arg, const
 
   std::atomic<bool> ok{true};
   const at::Tensor scores = items ? at::Tensor() : unit_cols(x);
-  const int64_t blocks = (B + kRowBlock - 1) / kRowBlock;
+  const int64_t row_block = items ? kRowBlock : kScoreRowBlock;
+  const int64_t blocks = (B + row_block - 1) / row_block;
   at::parallel_for(0, blocks, 1, [&](int64_t g0, int64_t g1) {
-    at::Tensor buf = items ? at::empty({kRowBlock * std::min(kItemBlock, n)}, x.options()) : at::Tensor();
+    at::Tensor buf = items ? at::empty({row_block * std::min(kItemBlock, n)}, x.options()) : at::Tensor();
     // A row block's candidates (see ScanBlock).
     const auto acc_opts = x.options().dtype(acc);
-    at::Tensor cand_scores = at::empty({kRowBlock * cap}, acc_opts), scratch = at::empty({cap}, acc_opts);
-    at::Tensor thr = at::empty({kRowBlock}, acc_opts);
-    at::Tensor cand_ids = at::empty({kRowBlock * cap}, x.options().dtype(at::kLong));
-    std::vector<int64_t> count(static_cast<size_t>(kRowBlock));
+    at::Tensor cand_scores = at::empty({row_block * cap}, acc_opts), scratch = at::empty({cap}, acc_opts);
+    at::Tensor thr = at::empty({row_block}, acc_opts);
+    at::Tensor cand_ids = at::empty({row_block * cap}, x.options().dtype(at::kLong));
+    std::vector<int64_t> count(static_cast<size_t>(row_block));
     for (int64_t g = g0; g < g1; ++g) {
       ScanBlock blk = base;
-      blk.r0 = g * kRowBlock;
-      blk.r1 = std::min(B, blk.r0 + kRowBlock);
+      blk.r0 = g * row_block;
+      blk.r1 = std::min(B, blk.r0 + row_block);
       blk.cand_scores = cand_scores.data_ptr();
       blk.cand_ids = cand_ids.data_ptr<int64_t>();
       blk.count = count.data();

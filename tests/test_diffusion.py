@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from utils import DTYPES, assert_close_to_reference, impl_params, strided_rows
 
 import diffcore
 from diffcore.reference import diffusion as ref
 from diffcore.reference.random import normal
+from tests.utils import DTYPES, assert_close_to_reference, impl_params, strided_rows
 
 SHAPES = [(3, 2810), (7, 1001), (1, 1), (5, 64)]
 TRITON_SHAPES = [(3, 37), (2, 1001)]  # the interpreter is slow: small shapes

@@ -19,7 +19,6 @@ import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
-from utils import impl_params, strided_rows
 
 import diffcore
 from diffcore import linalg
@@ -27,6 +26,7 @@ from diffcore.linalg import RankDeficiencyWarning
 from diffcore.reference import linalg as ref
 from diffcore.reference.random import normal, philox4x32_10
 from diffcore.sparse import Adjacency
+from tests.utils import impl_params, strided_rows
 
 KINDS = ("gaussian", "rademacher", "sparse")
 DTYPES = (torch.float32, torch.float64)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from utils import impl_params
 
 import diffcore
 from diffcore.reference.random import normal
+from tests.utils import impl_params, run_with_isa
 
 SEEDS = [0, 1234, 2**63 + 99, 2**64 - 1]
 
@@ -67,18 +63,14 @@ def test_thread_count_does_not_change_values():
 
 @pytest.mark.parametrize("isa", ["avx2", "default"])
 def test_every_instruction_set_build_agrees(isa):
-    if diffcore._library._C is None:
-        pytest.skip(f"the C++ extension is not loaded: {diffcore._library.EXTENSION_MISSING}")
     code = (
         "import torch, diffcore; from diffcore.reference.random import normal\n"
         "x = diffcore.random.randn(50_003, seed=2**63 + 5, offset=2**32 - 7)\n"
         "err = (x - normal(50_003, 2**63 + 5, 2**32 - 7)).abs().max().item()\n"
         "print(diffcore._library.cpu_isa(), err)\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    build, err = res.stdout.split()
-    assert build == isa.upper() and float(err) <= 2e-6, res.stdout
+    build, err = run_with_isa(isa, code)
+    assert build == isa.upper() and float(err) <= 2e-6, (build, err)
 
 
 def test_standard_normal_statistics():

@@ -6,10 +6,6 @@ and ids must match exactly, ties (many) included."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +13,7 @@ import torch
 import diffcore
 from diffcore import retrieval
 from diffcore.reference import retrieval as ref
-from tests.utils import impl_params, strided_rows
+from tests.utils import impl_params, run_with_isa, strided_rows
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 IMPLS = impl_params("retrieval_topk")
@@ -130,8 +126,6 @@ def test_long_rows_refill_the_candidate_buffer(scores_kind, k, masked):
 def test_every_instruction_set_build_agrees(isa):
     """The scan's vector compare and lane masks differ per build: each build (forced with
     ATEN_CPU_CAPABILITY, in a fresh process) against the reference on long rows, NaN included."""
-    if diffcore._library._C is None:
-        pytest.skip(f"the C++ extension is not loaded: {diffcore._library.EXTENSION_MISSING}")
     code = (
         "import torch, diffcore\n"
         "from diffcore.reference import retrieval as ref\n"
@@ -152,9 +146,7 @@ def test_every_instruction_set_build_agrees(isa):
         "    pass\n"
         "print(diffcore._library.cpu_isa(), ok)\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert res.stdout.split() == [isa.upper(), "True"], res.stdout + res.stderr
+    assert run_with_isa(isa, code) == [isa.upper(), "True"]
 
 
 @pytest.mark.parametrize("name", IMPLS)

@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from utils import DTYPES, assert_close_to_reference, impl_params, strided_rows
 
 import diffcore
 from diffcore import sde as S
 from diffcore.reference import sde as ref
 from diffcore.reference.random import normal
+from tests.utils import DTYPES, assert_close_to_reference, impl_params, strided_rows
 
 SHAPES = [(7, 1001), (3, 128), (1, 1), (5, 67)]
 TRITON_SHAPES = [(3, 37)]  # the interpreter is slow: small shapes

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from utils import assert_close_to_reference, impl_params, strided_rows
 
 import diffcore
 from diffcore import sparse
 from diffcore.nn import LightGCNPropagation
 from diffcore.reference import sparse as ref
 from diffcore.sparse import Adjacency
+from tests.utils import assert_close_to_reference, impl_params, strided_rows
 
 OPS = ("sparse_spmm", "sparse_propagate")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-from utils import DTYPES, assert_close_to_reference, impl_params, strided_rows
 
 import diffcore
 from diffcore import sphere
 from diffcore.reference import sphere as ref
 from diffcore.reference.random import normal
+from tests.utils import DTYPES, assert_close_to_reference, impl_params, strided_rows
 
 DIMS = (1, 3, 63, 65, 257)
 ROWS = 6

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from utils import DTYPES, impl_params, strided_rows
 
 import diffcore
 from diffcore._cases import standard_tolerance
 from diffcore.reference import training as ref
 from diffcore.training import TimestepSampler, _loss_table, bpr_loss, diffusion_loss, info_nce
+from tests.utils import DTYPES, impl_params, strided_rows
 
 SHAPES = [(3, 2810), (7, 1001), (1, 1), (5, 64)]
 TRITON_SHAPES = [(3, 37), (2, 300)]  # the interpreter is slow: small shapes

@@ -5,6 +5,10 @@ The tolerances and the low-precision rule live with the ops in ``diffcore._cases
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -12,7 +16,7 @@ import diffcore
 from diffcore._cases import DTYPES, FP32_TOL, standard_tolerance
 from diffcore._cases import arrange as _arrange
 
-__all__ = ["DTYPES", "FP32_TOL", "assert_close_to_reference", "impl_params", "strided_rows"]
+__all__ = ["DTYPES", "FP32_TOL", "assert_close_to_reference", "impl_params", "run_with_isa", "strided_rows"]
 
 
 def impl_params(op: str, device: str = "cpu") -> list:
@@ -36,3 +40,15 @@ def assert_close_to_reference(out: torch.Tensor, ref_fp32: torch.Tensor, ref_sam
 def strided_rows(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The same values laid out as: contiguous, rows with a padded stride, or column-major."""
     return x if kind == "contiguous" else _arrange(x, kind)
+
+
+def run_with_isa(isa: str, code: str) -> list[str]:
+    """Runs ``code`` in a fresh Python whose C++ kernels are the ``isa`` build ("avx2", "default"),
+    forced with ATEN_CPU_CAPABILITY; returns its stdout split on whitespace. Skips the test when
+    the extension is not loaded."""
+    if diffcore._library._C is None:
+        pytest.skip(f"the C++ extension is not loaded: {diffcore._library.EXTENSION_MISSING}")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split()

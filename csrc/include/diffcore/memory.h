@@ -12,10 +12,11 @@
 // output) or a heap block whose lines have left the cache (the next free block of that size is
 // rarely the last one freed once other code allocates in between). A pooled block is the one the
 // previous step freed: its pages are mapped and its lines are likely still in cache. On this
-// development machine (2-vCPU Intel guest), a 65,536 x 64 sphere step interleaved with the
-// eager and geoopt baselines took 2.2-3.1 ms allocating from glibc (0 faults, steady malloc)
-// against 1.2 ms in place. Departure from DESIGN.md's allocation-free kernels: the process keeps
-// freed output memory, up to the cap above.
+// development machine (2-vCPU Intel guest), in the bench's interleaved rounds: the allocating
+// 65,536 x 64 sphere q_sample took 2.6 ms from glibc with no page faults (--malloc steady) and
+// 1.75 ms from the pool, 1.2 ms in place; DiffRec's allocating 400 x 94,949 p_step 50.8 ms from
+// glibc (default malloc) and 21.8 ms from the pool, 16.3 ms in place. Departure from DESIGN.md's
+// allocation-free kernels: the process keeps freed output memory, up to the cap above.
 //
 // Huge pages. Advising the 2 MiB-aligned interior of fresh memory as MADV_HUGEPAGE makes the
 // first write take one fault per 2 MiB instead of 512, and a kernel that reads the memory at

@@ -158,6 +158,8 @@ def implementation_providers(
                 and numel > INTERPRETED_TRITON_MAX_ELEMENTS:
             reason = (f"Triton on CPU tensors runs interpreted (TRITON_INTERPRET=1), a correctness tool: "
                       f"run only up to {INTERPRETED_TRITON_MAX_ELEMENTS:,} elements (--suite smoke)")
+        # Only DISPATCHED's entries make the public call: off the CPU the dispatcher may run the CUDA
+        # binding rather than Triton (dispatched() names Triton there), so those rows force theirs.
         public = DISPATCHED.get(config.device.type) == name
         for mode, call in calls.items():
             providers.append(Provider(

@@ -78,10 +78,10 @@ template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // A row's candidates s[0:n], id[0:n], in ascending id order, at most cap = 2k + kSlack. Once n has
-// reached k, thr is the k-th best score at the last selection. Items come in ascending id order,
-// so a later item that ties thr has a larger id than the k-th best and loses: it can reach the
-// final k only with a score strictly above thr. Such items are appended; a full buffer is cut back
-// to its best k, which raises thr.
+// reached k, at least k candidates score thr or more. Items come in ascending id order, so a later
+// item that ties thr has a larger id than each of those and loses: it can reach the final k only
+// with a score strictly above thr. Such items are appended; a full buffer is cut back to about its
+// best k, which raises thr.
 template <typename A>
 struct Candidates {
   A* s;

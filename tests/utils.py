@@ -16,7 +16,9 @@ import diffcore
 from diffcore._cases import DTYPES, FP32_TOL, standard_tolerance
 from diffcore._cases import arrange as _arrange
 
-__all__ = ["DTYPES", "FP32_TOL", "assert_close_to_reference", "impl_params", "run_with_isa", "strided_rows"]
+__all__ = [
+    "DTYPES", "FP32_TOL", "assert_close_to_reference", "impl_params", "run_python", "run_with_isa", "strided_rows",
+]
 
 
 def impl_params(op: str, device: str = "cpu") -> list:
@@ -42,13 +44,18 @@ def strided_rows(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x if kind == "contiguous" else _arrange(x, kind)
 
 
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh Python with ``env`` added to the environment (2 minutes at most)."""
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
 def run_with_isa(isa: str, code: str) -> list[str]:
     """Runs ``code`` in a fresh Python whose C++ kernels are the ``isa`` build ("avx2", "default"),
     forced with ATEN_CPU_CAPABILITY; returns its stdout split on whitespace. Skips the test when
     the extension is not loaded."""
     if diffcore._library._C is None:
         pytest.skip(f"the C++ extension is not loaded: {diffcore._library.EXTENSION_MISSING}")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    res = run_python(code, ATEN_CPU_CAPABILITY=isa)
     assert res.returncode == 0, res.stderr
     return res.stdout.split()

@@ -55,11 +55,11 @@ struct ScanBlock {
   const int64_t* crow;  // sorted history: row r's items are col[crow[r]:crow[r + 1]], or nullptr
   const int64_t* col;
   // Row r's candidates, i = r - r0: scores cand_scores[i * cap :] (float32, or float64 for float64
-  // scores), ids cand_ids[i * cap :], count[i] of them, threshold thr[i] (same dtype as the scores).
+  // scores), ids cand_ids[i * cap :], count[i] of them, threshold thr[i] (exact in double).
   void* cand_scores;
   int64_t* cand_ids;
   int64_t* count;
-  void* thr;
+  double* thr;
   void* scratch;  // cap scores
   int64_t k, cap;
 };
@@ -210,7 +210,7 @@ template <typename A>
 Candidates<A> candidates(const ScanBlock& blk, int64_t r) {
   const int64_t i = r - blk.r0;
   return Candidates<A>{static_cast<A*>(blk.cand_scores) + i * blk.cap, blk.cand_ids + i * blk.cap,
-                       static_cast<A*>(blk.scratch), blk.k, blk.cap, blk.count[i], static_cast<A*>(blk.thr)[i]};
+                       static_cast<A*>(blk.scratch), blk.k, blk.cap, blk.count[i], static_cast<A>(blk.thr[i])};
 }
 
 template <typename T>
@@ -233,7 +233,7 @@ bool scan_block(const ScanBlock& blk) {
     const int64_t* h_end = blk.crow ? blk.col + blk.crow[r + 1] : nullptr;
     ok &= scan_row(s, blk.b0, blk.b1, h, h_end, c);
     blk.count[r - blk.r0] = c.n;
-    static_cast<A*>(blk.thr)[r - blk.r0] = c.thr;
+    blk.thr[r - blk.r0] = c.thr;
   }
   return ok;
 }
@@ -369,9 +369,9 @@ std::tuple<at::Tensor, at::Tensor> retrieval_topk(const at::Tensor& x_arg, const
     // A row block's candidates (see ScanBlock).
     const auto acc_opts = x.options().dtype(acc);
     at::Tensor cand_scores = at::empty({row_block * cap}, acc_opts), scratch = at::empty({cap}, acc_opts);
-    at::Tensor thr = at::empty({row_block}, acc_opts);
     at::Tensor cand_ids = at::empty({row_block * cap}, x.options().dtype(at::kLong));
     std::vector<int64_t> count(static_cast<size_t>(row_block));
+    std::vector<double> thr(static_cast<size_t>(row_block));  // read only once a row has k candidates
     for (int64_t g = g0; g < g1; ++g) {
       ScanBlock blk = base;
       blk.r0 = g * row_block;
@@ -379,10 +379,9 @@ std::tuple<at::Tensor, at::Tensor> retrieval_topk(const at::Tensor& x_arg, const
       blk.cand_scores = cand_scores.data_ptr();
       blk.cand_ids = cand_ids.data_ptr<int64_t>();
       blk.count = count.data();
-      blk.thr = thr.data_ptr();
+      blk.thr = thr.data();
       blk.scratch = scratch.data_ptr();
       std::fill(count.begin(), count.end(), 0);
-      thr.zero_();  // read only once a row has k candidates
       const int64_t rows = blk.r1 - blk.r0;
       const int64_t step = items ? kItemBlock : (dt == acc ? n : kScoreChunk);
       bool block_ok = true;

@@ -22,14 +22,18 @@ inline std::vector<float> gather_rows(const at::Tensor& table, const std::option
   TORCH_CHECK(table.scalar_type() == at::kDouble || table.scalar_type() == at::kFloat, op,
               ": table must be float64 or float32, got ", table.scalar_type());
   TORCH_CHECK(table.size(0) >= 1, op, ": table is empty");
-  const at::Tensor tab = table.to(at::kDouble).contiguous();
-  const double* tp = tab.data_ptr<double>();
+  // Read in the table's own dtype: a float32 schedule (DreamRec's) is not converted on every step.
+  const at::Tensor tab = table.contiguous();
+  const bool f64 = tab.scalar_type() == at::kDouble;
+  const double* tp64 = f64 ? tab.const_data_ptr<double>() : nullptr;
+  const float* tp32 = f64 ? nullptr : tab.const_data_ptr<float>();
+  const auto at_ = [&](int64_t i) { return f64 ? static_cast<float>(tp64[i]) : tp32[i]; };
   const int64_t K = tab.size(0);
   std::vector<float> coef(static_cast<size_t>(width * rows));
   if (!t.has_value()) {
     TORCH_CHECK(K == 1 || K == rows, op, ": without t, table needs 1 or ", rows, " rows, got ", K);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < width; ++c) coef[width * r + c] = static_cast<float>(tp[width * (K == 1 ? 0 : r) + c]);
+      for (int64_t c = 0; c < width; ++c) coef[width * r + c] = at_(width * (K == 1 ? 0 : r) + c);
     return coef;
   }
   TORCH_CHECK(t->scalar_type() == at::kLong, "t: expected an int64 tensor, got ", t->scalar_type());
@@ -37,13 +41,13 @@ inline std::vector<float> gather_rows(const at::Tensor& table, const std::option
               " timesteps (one per row) or 1, got ", t->numel());
   check_same_device(*t, table, "t", "the schedule");
   const at::Tensor tc = t->contiguous();
-  const int64_t* ts = tc.data_ptr<int64_t>();
+  const int64_t* ts = tc.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = tc.numel() == 1 ? 0 : r;
     int64_t k = ts[i];
     if (clamp_t && k >= K) k = K - 1;
     TORCH_CHECK(k >= 0 && k < K, "t: every timestep must lie in [0, ", K, "), got t[", i, "] = ", ts[i]);
-    for (int64_t c = 0; c < width; ++c) coef[width * r + c] = static_cast<float>(tp[width * k + c]);
+    for (int64_t c = 0; c < width; ++c) coef[width * r + c] = at_(width * k + c);
   }
   return coef;
 }

@@ -3,6 +3,7 @@
 // structs name the shared fields alike (out, x, u, noise, coef, guidance, seed, ...).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -38,16 +39,27 @@ inline void check_guided_step(const at::Tensor& x, const std::optional<at::Tenso
   check_same_device(table, x, "table", x_name);
 }
 
-// Unit-column-stride views (the tensors themselves when they have one); finish_guided_step copies
-// a scratch output back.
+// t, or a copy of it when it shares memory with out other than element for element. The kernels
+// read each row before they write the same row, so an operand laid out exactly as out (x itself in
+// place, or a denoiser that returns its input) is safe; a shifted or strided view of out (e.g. a
+// denoiser output that expands one row of its input) would be overwritten before it is read.
+inline at::Tensor apart_from_out(const at::Tensor& t, const at::Tensor& out) {
+  const at::MemOverlapStatus s = at::get_overlap_status(t, out);
+  return s == at::MemOverlapStatus::Partial || s == at::MemOverlapStatus::TooHard
+             ? t.clone(at::MemoryFormat::Contiguous)
+             : t;
+}
+
+// Unit-column-stride views (the tensors themselves when they have one) of operands that do not
+// alias out (apart_from_out); finish_guided_step copies a scratch output back.
 inline GuidedStepViews guided_step_views(const at::Tensor& x, const std::optional<at::Tensor>& f,
                                          const std::optional<at::Tensor>& f_uncond,
                                          const std::optional<at::Tensor>& noise, const at::Tensor& out) {
   GuidedStepViews v;
-  v.x = unit_cols(x);
-  if (f) v.f = unit_cols(*f);
-  if (f_uncond) v.u = unit_cols(*f_uncond);
-  if (noise) v.z = unit_cols(*noise);
+  v.x = unit_cols(apart_from_out(x, out));
+  if (f) v.f = unit_cols(apart_from_out(*f, out));
+  if (f_uncond) v.u = unit_cols(apart_from_out(*f_uncond, out));
+  if (noise) v.z = unit_cols(apart_from_out(*noise, out));
   v.out = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
   return v;
 }

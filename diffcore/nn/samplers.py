@@ -128,19 +128,19 @@ class DreamRecSampler(_Sampler):
             else:  # one copy refreshes the second half
                 mirror.copy_(x)
                 pair = xx
-            return self.denoiser(pair, both, t_rows[i]).chunk(2)
+            out = self.denoiser(pair, both, t_rows[i])
+            return out[:B], out[B:]
 
         for k, i in enumerate(reversed(range(schedule.num_steps)), start=1):
             cond_out, uncond_out = outputs(x, i)
-            noise = None
-            if i > 0 and seed is None:
-                noise = torch.randn_like(x) if grad else noise_buf.normal_()
-            kwargs = dict(noise=noise, seed=seed if i > 0 else None, offset=offset + k * stride)
+            step_seed = seed if i > 0 else None
             if grad:
+                noise = torch.randn_like(x) if i > 0 and seed is None else None
                 x = p_step(x, cond_out, t_all[i : i + 1], schedule, prediction=self.prediction, uncond_out=uncond_out,
-                           guidance_scale=self.guidance_scale, **kwargs)
+                           guidance_scale=self.guidance_scale, noise=noise, seed=step_seed, offset=offset + k * stride)
             else:
-                step(i, cond_out, uncond_out, **kwargs)
+                noise = noise_buf.normal_() if i > 0 and seed is None else None
+                step(i, cond_out, uncond_out, noise=noise, seed=step_seed, offset=offset + k * stride)
         return x
 
     def extra_repr(self) -> str:

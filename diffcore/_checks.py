@@ -64,12 +64,17 @@ def timesteps(
 
 
 def seed_offset(seed: int | None, offset: int) -> tuple[int | None, int]:
-    """A seed in [0, 2^64) as the int64 the schema carries (two's complement), and the offset."""
+    """A seed in [0, 2^64) as the int64 the schema carries (two's complement), and the offset.
+
+    A negative seed in [-2^63, 0) is taken as its two's complement (seed -1 is seed 2^64 - 1), as
+    ``torch.manual_seed`` takes it; that is also the form this function returns, so a normalised
+    seed passes through it again unchanged."""
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         if not -(1 << 63) <= seed < _U64:
-            raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
+            raise ValueError(f"seed: expected an int in [0, 2**64) (or [-2**63, 0), taken as its two's complement), "
+                             f"got {seed}")
         seed = seed - _U64 if seed >= 1 << 63 else seed
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"offset: expected an int, got {type(offset).__name__}")
@@ -98,9 +103,19 @@ def apart_from(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.clone() if overlaps(t, x) else t
 
 
+def writable(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor an op writes: no two of its elements may share memory (an expanded view would have
+    several rows write one location). The C++ kernels check the same for direct op calls."""
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        raise ValueError(f"{name}: more than one of its elements refers to the same memory location (an "
+                         f"expanded view, strides {tuple(t.stride())}); write into a tensor that owns its "
+                         "elements, e.g. a .clone()")
+    return t
+
+
 def out_tensor(out: object, ref: torch.Tensor, others: dict[str, torch.Tensor | None]) -> torch.Tensor:
     """``out=`` must match ``ref``; it is ``ref`` itself (in place) or shares memory with no input."""
-    out = like("out", out, ref, "x_t")
+    out = writable("x_t" if out is ref else "out", like("out", out, ref, "x_t"))
     if out is not ref and not torch.compiler.is_compiling():
         for name, other in {"x_t": ref, **others}.items():
             if other is not None and overlaps(out, other):

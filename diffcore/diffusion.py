@@ -269,8 +269,8 @@ class _InPlaceSteps:
     the implementation) is checked once here. Per step, on the CPU with the C++ kernel, the op is
     called with no Python checks: it checks the denoiser's outputs and the noise itself (a failed
     check re-runs the Python checks, so the error names the operand with the usual exception type)
-    and reads any operand that aliases ``x_t`` from a copy (``apart_from_out`` in
-    ``csrc/cpu/guided_step.h``). Elsewhere the operands are checked and copied here first.
+    and reads any operand that aliases ``x_t`` from a copy (``apart_from`` in
+    ``csrc/include/diffcore/checks.h``). Elsewhere the operands are checked and copied here first.
     In DreamRec's 500-step loop at 256 x 64 (0.4 ms a step, most of it the denoiser), those Python
     checks cost about 5% end to end: right after the denoiser each torch attribute they read is slow.
     """
@@ -417,20 +417,32 @@ def ddim_step(
     ``sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev)``.
 
     Shapes and the other arguments as in :func:`p_step`; ``t``/``t_prev`` ints or int64 (B,)
-    tensors (tensor values are gathered with torch indexing, which raises when out of range)."""
+    tensors with ``0 <= t < T`` and ``-1 <= t_prev < t`` (a DDIM step goes down); ints are checked
+    here (ValueError), tensor values with ``torch._assert_async`` (RuntimeError on the CPU, no
+    device sync on a GPU)."""
     seed, offset, out = _step_operands(x_t, model_out, uncond_out, guidance_scale, noise, seed, offset, out)
     _checks.like("model_out", model_out, x_t, "x_t")
     schedule = _schedule(schedule, x_t)
     T, B = schedule.num_steps, x_t.shape[0]
+    t_int = t if isinstance(t, int) and not isinstance(t, bool) else None
     t = _checks.timesteps("t", t, B, T, x_t.device)
+    if isinstance(t_prev, bool):
+        raise TypeError("t_prev: expected an int or an int64 tensor, got bool")
     if isinstance(t_prev, int):
         if not -1 <= t_prev < T:
             raise ValueError(f"t_prev: expected a timestep in [-1, {T}), got {t_prev}")
+        if t_int is not None and t_prev >= t_int:
+            raise ValueError(f"t_prev: expected t_prev < t (a DDIM step goes down), got t = {t_int}, t_prev = {t_prev}")
     else:
         t_prev = _checks.timesteps("t_prev", t_prev, B, T, x_t.device)
+    if t_int is None or not isinstance(t_prev, int):  # tensor values
+        torch._assert_async(((t >= 0) & (t < T)).all(), f"t: every timestep must lie in [0, {T})")
+        torch._assert_async(((t_prev >= -1) & (t_prev < t)).all(), "t_prev: every t_prev must lie in [-1, t)")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta: expected a float, got {type(eta).__name__}")
     eta = float(eta)
-    if eta < 0:
-        raise ValueError(f"eta: expected eta >= 0, got {eta}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta: expected a finite eta >= 0, got {eta}")
     table = schedule.ddim_table(t, t_prev, eta, prediction)
     return _run_step(x_t, model_out, uncond_out, guidance_scale, None, table, noise, seed, offset, False, out)
 
@@ -456,7 +468,8 @@ def sample(
     :func:`p_step_` (a denoiser output sharing memory with x_t is copied first). Noise is drawn
     only if ``noise=True``: from the Philox stream when ``seed`` is given (step k at
     ``offset + k ceil(B N / 4)``, the start's q_sample at ``offset``), else with
-    ``Tensor.normal_(generator=generator)``, which equals DiffRec's ``randn_like`` draws in order.
+    ``Tensor.normal_(generator=generator)``, which equals DiffRec's ``randn_like`` draws in order
+    for a contiguous ``x_start`` (``randn_like`` fills a non-contiguous tensor in memory order).
     The q_sample of ``steps > 0`` always draws noise, as DiffRec's does. With
     ``guidance_scale`` set, ``denoiser`` returns ``(cond_out, uncond_out)`` (DreamRec).
     ``schedule.noise_scale == 0``: the loop only applies the denoiser, as DiffRec does.

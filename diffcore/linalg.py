@@ -67,8 +67,7 @@ from diffcore import (
     _library,  # noqa: F401  (defines the ops)
     _registry,
 )
-from diffcore.reference.sparse import csr_rows
-from diffcore.sparse import Adjacency
+from diffcore.sparse import Adjacency, _torch_sparse_entries
 
 __all__ = ["RankDeficiencyWarning", "cholqr2", "randomized_svd", "random_projection", "sketch"]
 
@@ -193,23 +192,21 @@ def _csr(crow, col, values, t_crow, t_col, t_values, shape, dtype) -> _Csr:
 
 def _from_torch_sparse(A: torch.Tensor) -> _Csr:
     """COO (coalesced here: repeats summed) or CSR (coalesced when its column indices are not
-    sorted within rows or repeat); the transpose's arrays are A's CSC arrays."""
+    sorted within rows or repeat); the transpose's arrays are A's CSC arrays. The indices are
+    checked first (torch's conversions crash the process on out-of-range ones)."""
     if A.dim() != 2:
         raise ValueError(f"A: expected a 2-D matrix, got a {A.dim()}-D sparse tensor of shape {tuple(A.shape)}")
     dtype = _real_dtype("A", A.dtype, "; convert with A.to(torch.float32)")
     if A.layout not in (torch.sparse_coo, torch.sparse_csr):
         raise TypeError(f"A: expected a strided, sparse COO or sparse CSR tensor, got layout {A.layout}")
     _check_nonempty(tuple(A.shape), f"a torch {str(A.layout).removeprefix('torch.')} tensor")
-    if A.layout == torch.sparse_csr:
-        crow, col = A.crow_indices(), A.col_indices().long()
-        rows = csr_rows(crow)
-        key = rows * A.shape[1] + col
-        if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
-            A = A.to_sparse_coo()
+    rows, cols, values = _torch_sparse_entries("A", A)
+    key = rows * A.shape[1] + cols
+    if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
+        # unsorted or repeated entries: a fresh COO tensor, so that coalesce() sorts and sums them even
+        # when A claims to be coalesced (torch trusts that flag and would return A as it is)
+        A = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, tuple(A.shape), check_invariants=False)
     if A.layout == torch.sparse_coo:
-        if A._values().dim() != 1:
-            raise ValueError(f"A: expected scalar values (a 2-D sparse matrix), got values of shape "
-                             f"{tuple(A._values().shape)}")
         A = A.coalesce().to_sparse_csr()
     At = A.to_sparse_csc()
     return _csr(A.crow_indices(), A.col_indices(), A.values(), At.ccol_indices(), At.row_indices(), At.values(),
@@ -513,6 +510,8 @@ def _cholqr2(Y: torch.Tensor, final: bool = True, width: int | None = None, n: i
     ``n``: Y is a zero-padded buffer (:func:`_pad`) of n columns (all of Y's by default);
     ``width``: Q comes as a zero-padded (m x width) buffer (width n by default)."""
     n = Y.shape[1] if n is None else n
+    if n == 0:  # no columns: the empty factors, as torch.linalg.qr gives them (Q m x 0, R 0 x 0)
+        return _pad(Y.new_zeros((Y.shape[0], 0)), width), torch.zeros((0, 0), dtype=torch.float64), 1.0, 0.0
 
     def householder():
         Q, R, cond, norm = _householder(Y[:, :n])

@@ -22,13 +22,15 @@ __all__ = ["topk"]
 
 _DTYPES = _checks.FEATURE_DTYPES + (torch.float64,)
 _CSR = "a sparse CSR tensor or (crow_indices, col_indices)"
+_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def _history(
     exclude: object, rows: int, n_items: int, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``exclude`` as int64 ``(crow (rows + 1,), col (nnz,))`` on ``device``; a sparse CSR
-    (rows, n_items) tensor or a ``(crow_indices, col_indices)`` pair."""
+    (rows, n_items) tensor or a ``(crow_indices, col_indices)`` pair of int64/int32 tensors (or
+    what ``torch.as_tensor`` makes one of: lists of ints, integer arrays)."""
     if exclude is None:
         return None, None
     if isinstance(exclude, torch.Tensor):
@@ -41,11 +43,12 @@ def _history(
         crow, col = (torch.as_tensor(a) for a in exclude)
     else:
         raise TypeError(f"exclude: expected {_CSR}, got {type(exclude).__name__}")
+    for name, v in (("crow_indices", crow), ("col_indices", col)):  # no bool (as 0/1), float, complex, int8...
+        if v.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"exclude: expected {name} of dtype int64 or int32, got {v.dtype}")
     if crow.dim() != 1 or crow.numel() != rows + 1 or col.dim() != 1:
         raise ValueError(f"exclude: expected crow_indices of shape ({rows + 1},) and 1-D col_indices, got "
                          f"{tuple(crow.shape)} and {tuple(col.shape)}")
-    if crow.dtype.is_floating_point or col.dtype.is_floating_point or crow.dtype == torch.bool:
-        raise TypeError(f"exclude: expected integer indices, got {crow.dtype} and {col.dtype}")
     crow = crow.to(device=device, dtype=torch.long).contiguous()
     col = col.to(device=device, dtype=torch.long).contiguous()
     if torch.compiler.is_compiling():  # the kernel checks the values; reading them here breaks the graph
@@ -74,7 +77,9 @@ def topk(
         k: 1 <= k <= n_items.
         items: (n_items, d) item embeddings, same dtype and device as the queries.
         exclude: each row's history, masked to ``-inf``: a sparse CSR (B, n_items) tensor or a
-            ``(crow_indices, col_indices)`` pair (values are ignored; duplicates allowed).
+            ``(crow_indices, col_indices)`` pair of int64 or int32 tensors (values are ignored;
+            duplicates allowed). Other index dtypes (bool, float, complex, int8/int16/uint8)
+            raise TypeError.
     Returns:
         ``(values, indices)``, both (B, k): scores in descending order (ties: lower item id first)
         and int64 item ids. Not differentiable.

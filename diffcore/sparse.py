@@ -195,21 +195,10 @@ class Adjacency:
         rejected (``"error"``)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor: expected a torch sparse tensor, got {type(tensor).__name__}")
-        if tensor.layout == torch.sparse_coo:
-            _square(tuple(tensor.shape))
-            index = tensor._indices()
-            rows, cols, values = index[0], index[1], tensor._values()
-        elif tensor.layout == torch.sparse_csr:
-            _square(tuple(tensor.shape))
-            crow = tensor.crow_indices()
-            rows = csr_rows(crow)
-            cols, values = tensor.col_indices(), tensor.values()
-        else:
+        if tensor.layout not in (torch.sparse_coo, torch.sparse_csr):
             raise TypeError(f"tensor: expected a sparse COO or CSR tensor, got layout {tensor.layout}")
-        if values.dim() != 1:
-            raise ValueError(
-                f"tensor: expected scalar values (a 2-D sparse tensor), got values of shape {tuple(values.shape)}"
-            )
+        _square(tuple(tensor.shape))
+        rows, cols, values = _torch_sparse_entries("tensor", tensor)
         n = tensor.shape[0]
         return cls._from_values(rows, cols, values, n, norm, degree_zero, duplicates, self_loops, index_dtype)
 
@@ -247,7 +236,7 @@ class Adjacency:
         if not isinstance(self_loops, bool):
             raise TypeError(f"self_loops: expected a bool, got {type(self_loops).__name__}")
         index_dtype = _index_dtype(index_dtype, n)
-        key, values = _coalesce(rows * n + cols, values, duplicates, n)
+        key, values = _coalesce(rows * n + cols, values, duplicates, n, n_users)
         if self_loops:  # A + I: an existing loop gains 1
             diag = torch.arange(n, device=key.device) * (n + 1)
             base = values if values is not None else torch.ones(key.numel(), dtype=torch.float64, device=key.device)
@@ -468,6 +457,57 @@ def _in_range(name: str, x: torch.Tensor, n: int) -> None:
         raise ValueError(f"{name}: ids must be < {n}, got {hi}")
 
 
+def _torch_sparse_entries(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, values) of a 2-D torch sparse COO (repeats kept) or CSR tensor ``name``, int64
+    indices, every index checked before anything reads it: torch checks nothing for a tensor built
+    with ``check_invariants=False``, and its ``coalesce()``, ``to_sparse_csc()`` or
+    ``repeat_interleave`` then crash the process or fail with an internal error.
+
+    COO: row and column indices within the shape. CSR: ``crow_indices`` of n_rows + 1 entries,
+    starting at 0, non-decreasing, ending at the number of stored values (one per column index),
+    and ``col_indices`` within the shape. Raises ValueError naming ``name`` and the array."""
+    n_rows, n_cols = tensor.shape
+    values = tensor._values() if tensor.layout == torch.sparse_coo else tensor.values()
+    if values.dim() != 1:
+        raise ValueError(
+            f"{name}: expected scalar values (a 2-D sparse tensor), got values of shape {tuple(values.shape)}"
+        )
+    if tensor.layout == torch.sparse_coo:
+        index = tensor._indices()
+        rows, cols = index[0].long(), index[1].long()
+        _in_range(f"{name}: row indices", rows, n_rows)
+        _in_range(f"{name}: column indices", cols, n_cols)
+        return rows, cols, values
+    crow, cols = tensor.crow_indices().long(), tensor.col_indices().long()
+    if values.numel() != cols.numel():
+        raise ValueError(
+            f"{name}: values: expected shape ({cols.numel()},) (one per column index), got {tuple(values.shape)}"
+        )
+    _check_crow(f"{name}: crow_indices", crow, n_rows, cols.numel())
+    _in_range(f"{name}: col_indices", cols, n_cols)
+    return csr_rows(crow), cols, values
+
+
+def _check_crow(name: str, crow: torch.Tensor, n_rows: int, nnz: int) -> None:
+    """CSR row pointers: (n_rows + 1,), first entry 0, non-decreasing, last entry nnz."""
+    if crow.dim() != 1 or crow.numel() != n_rows + 1:
+        raise ValueError(f"{name}: expected shape ({n_rows + 1},) (rows + 1), got {tuple(crow.shape)}")
+    first, last = int(crow[0]), int(crow[-1])
+    if first != 0:
+        raise ValueError(f"{name}: expected a first entry of 0, got {first}")
+    drops = torch.nonzero(crow.diff() < 0)
+    if drops.numel():
+        r = int(drops[0, 0])
+        raise ValueError(
+            f"{name}: expected non-decreasing row pointers, got entry {r} = {int(crow[r])} > "
+            f"entry {r + 1} = {int(crow[r + 1])}"
+        )
+    if last != nnz:
+        raise ValueError(
+            f"{name}: expected a last entry equal to the number of stored values ({nnz}), got {last}"
+        )
+
+
 def _edge_values(name: str, values: object, nnz: int, device: torch.device) -> torch.Tensor | None:
     if values is None:
         return None
@@ -499,9 +539,11 @@ def _index_dtype(index_dtype: torch.dtype | None, n: int) -> torch.dtype:
 
 
 def _coalesce(
-    key: torch.Tensor, values: torch.Tensor | None, duplicates: str, n: int
+    key: torch.Tensor, values: torch.Tensor | None, duplicates: str, n: int, n_users: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sorted unique keys (row * n + col) and their values under the duplicates rule."""
+    """Sorted unique keys (row * n + col) and their values under the duplicates rule. ``n_users``:
+    the keys are :meth:`Adjacency.from_interactions`'s bipartite graph, and a repeat is reported
+    as the (user, item) pair the caller gave, not as node ids."""
     unique, inverse, counts = torch.unique(key, sorted=True, return_inverse=True, return_counts=True)
     if unique.numel() == key.numel():
         if values is None:
@@ -510,7 +552,13 @@ def _coalesce(
         out[inverse] = values
         return unique, out
     first = int(torch.nonzero(counts > 1)[0, 0])
-    where = f"edge ({int(unique[first]) // n}, {int(unique[first]) % n}) appears {int(counts[first])} times"
+    row, col = divmod(int(unique[first]), n)
+    if n_users is None:
+        edge = f"edge ({row}, {col})"
+    else:  # user u is node u, item i node n_users + i; each pair is stored as (u, i) and (i, u)
+        user, item = (row, col - n_users) if row < n_users else (col, row - n_users)
+        edge = f"(user, item) pair ({user}, {item})"
+    where = f"{edge} appears {int(counts[first])} times"
     if duplicates == "error":
         raise ValueError(f"duplicates='error': {where}")
     if values is None:

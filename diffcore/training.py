@@ -167,9 +167,16 @@ class TimestepSampler:
     """DiffRec's timestep sampling with its per-timestep loss history ``Lt_history``.
 
     ``kind="importance"``: uniform until every timestep has ``history`` losses (the warm-up), then
-    ``pt_all = sqrt(mean(Lt^2))`` normalised and mixed ``* (1 - 0.001) + 0.001 / T``,
+    ``pt_all = sqrt(mean(Lt^2))`` normalised and mixed ``* (1 - uniform_prob) + uniform_prob / T``,
     ``t ~ multinomial(pt_all)``, ``pt = pt_all[t] * T``. ``kind="uniform"``: ``t ~ randint(T)``,
     ``pt = 1``. :meth:`update` keeps the history in both kinds, as DiffRec's training step does.
+
+    Args:
+        steps: T, a positive int.
+        kind: ``"uniform"`` or ``"importance"``.
+        history: the losses kept per timestep, a positive int (DiffRec's ``history_num_per_term``).
+        uniform_prob: an int or float in [0, 1], the weight of the uniform distribution in the mix
+            (DiffRec's 0.001).
 
     Attributes:
         history: (T, history) float64, DiffRec's ``Lt_history`` (FIFO per timestep, oldest first).
@@ -189,7 +196,9 @@ class TimestepSampler:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         _choice("kind", kind, SAMPLERS)
-        if not 0.0 <= uniform_prob <= 1.0:
+        if isinstance(uniform_prob, bool) or not isinstance(uniform_prob, (int, float)):
+            raise TypeError(f"uniform_prob: expected a float in [0, 1], got {type(uniform_prob).__name__}")
+        if not 0.0 <= uniform_prob <= 1.0:  # NaN fails this too
             raise ValueError(f"uniform_prob: expected a probability in [0, 1], got {uniform_prob}")
         self.steps, self.kind, self.uniform_prob = steps, kind, float(uniform_prob)
         self.history = torch.zeros(steps, history, dtype=torch.float64, device=device)
@@ -208,10 +217,35 @@ class TimestepSampler:
         return self._warm
 
     def probabilities(self) -> torch.Tensor:
-        """(T,) float64 ``pt_all`` as DiffRec computes it from the history."""
+        """(T,) float64 ``pt_all`` as DiffRec computes it from the history (NaN where the history
+        gives no distribution: all zeros, or squares that overflow; :meth:`sample` raises then)."""
         lt_sqrt = torch.sqrt(torch.mean(self.history**2, dim=-1))
         pt_all = lt_sqrt / torch.sum(lt_sqrt)
         return pt_all * (1 - self.uniform_prob) + self.uniform_prob / self.steps
+
+    def _check_distribution(self, pt_all: torch.Tensor, just_warm: bool) -> None:
+        """``pt_all`` must be a distribution for ``multinomial``: finite, >= 0, a positive sum.
+
+        Reading the values is a device sync on CUDA: it is done on every call for a CPU sampler,
+        and on CUDA only in the call that ends the warm-up (which syncs on the counts already,
+        once per sampler), never after; a CUDA history that turns non-finite later is left to
+        ``torch.multinomial``. Skipped under ``torch.compile`` (reading values breaks the graph)."""
+        if torch.compiler.is_compiling() or (self.device.type != "cpu" and not just_warm):
+            return
+        finite = torch.isfinite(pt_all)
+        if bool(finite.all() & (pt_all >= 0).all() & (pt_all.sum() > 0)):
+            return
+        lt_sqrt = torch.sqrt(torch.mean(self.history**2, dim=-1))
+        if not bool(torch.isfinite(self.history).all()):
+            why = "it holds NaN or inf"
+        elif not bool(torch.isfinite(lt_sqrt).all()):
+            why = "its squared losses overflow float64"
+        elif float(lt_sqrt.sum()) == 0:
+            why = "every loss in it is 0"
+        else:
+            why = f"pt_all has {int((~finite).sum())} non-finite values"
+        raise ValueError(f"history: expected losses whose importance weights sqrt(mean(Lt^2)) form a distribution "
+                         f"(finite, not all 0), got a history where {why}")
 
     def sample(
         self, batch_size: int, generator: torch.Generator | int | None = None, *, seed: int | None = None
@@ -219,25 +253,38 @@ class TimestepSampler:
         """Draws ``batch_size`` timesteps.
 
         Args:
-            generator: a ``torch.Generator`` on the sampler's device, or an int seed (a fresh
-                generator); None: the global RNG (as DiffRec draws). ``seed=`` is the same as an
-                int ``generator``. A given generator draws exactly DiffRec's values
-                (``randint``/``multinomial`` in its order).
+            generator: a ``torch.Generator`` on the sampler's device, or an int seed in
+                [0, 2**64) (a fresh generator); None: the global RNG (as DiffRec draws).
+            seed: an int in [0, 2**64), the same as an int ``generator`` (checked as every seed
+                of diffcore is, by ``_checks.seed_offset``). A given generator draws exactly
+                DiffRec's values (``randint``/``multinomial`` in its order).
         Returns:
             ``t``: (B,) int64 and ``pt``: (B,) float64 (1 while uniform), on the sampler's device.
+        Raises:
+            ValueError: importance sampling from a history whose weights are no distribution
+                (all losses 0, NaN/inf, squares overflowing float64); on CUDA checked only once,
+                when the warm-up ends (see ``_check_distribution``).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size: expected a non-negative int, got {batch_size!r}")
         if seed is not None:
             if generator is not None:
                 raise ValueError("generator and seed: give one, not both")
-            generator = seed
-        if isinstance(generator, int) and not isinstance(generator, bool):
-            generator = torch.Generator(self.device).manual_seed(generator)
+            seed, _ = _checks.seed_offset(seed, 0)  # "seed: expected an int in [0, 2**64) ..., got ..."
+            generator = torch.Generator(self.device).manual_seed(seed)
+        elif isinstance(generator, int) and not isinstance(generator, bool):
+            try:
+                seed, _ = _checks.seed_offset(generator, 0)
+            except ValueError:
+                raise ValueError(f"generator: expected a torch.Generator or an int seed in [0, 2**64), got "
+                                 f"{generator}") from None
+            generator = torch.Generator(self.device).manual_seed(seed)
         elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or an int seed, got {type(generator).__name__}")
+        was_warm = self._warm
         if self.kind == "importance" and self.warm():
             pt_all = self.probabilities()
+            self._check_distribution(pt_all, just_warm=not was_warm)
             t = torch.multinomial(pt_all, num_samples=batch_size, replacement=True, generator=generator)
             return t, pt_all.gather(dim=0, index=t) * self.steps
         t = torch.randint(0, self.steps, (batch_size,), device=self.device, generator=generator)
@@ -251,7 +298,13 @@ class TimestepSampler:
         Args:
             t: (B,) int64 timesteps (those :meth:`sample` gave); outside [0, T) raises.
             losses: (B,) float, the weighted loss before division by pt (:func:`diffusion_loss`
-                without ``pt``), as DiffRec's ``Lt_history`` holds it.
+                without ``pt``), as DiffRec's ``Lt_history`` holds it; finite (the importance
+                weights are ``sqrt(mean(Lt^2))``; the sign does not enter them). Checked for a
+                CPU sampler outside ``torch.compile``; on CUDA not (reading the values would be a
+                device sync every training step): :meth:`sample` checks the weights there once,
+                when the warm-up ends.
+        Raises:
+            ValueError: a NaN or inf loss (CPU); the history is left unchanged.
         """
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
             raise TypeError(f"t: expected a 1-D int64 tensor, got {_describe(t)}")
@@ -263,6 +316,14 @@ class TimestepSampler:
             if v.device != self.device:
                 raise ValueError(f"{name}: expected a tensor on {self.device} (the sampler's device), got {v.device}")
         losses = losses.detach()
+        # Values are read on the CPU only: on CUDA this would be a device sync in every training
+        # step; under torch.compile it would break the graph. The kernels check t, not losses.
+        if self.device.type == "cpu" and not torch.compiler.is_compiling():
+            finite = torch.isfinite(losses)
+            if not bool(finite.all()):
+                i = int((~finite).nonzero()[0, 0])
+                raise ValueError(f"losses: expected finite losses (the importance weights are sqrt(mean(Lt^2))), "
+                                 f"got losses[{i}] = {float(losses[i])}")
         impl = _registry.forced_for("training_history_update", self.device)
         if impl is None:
             torch.ops.diffcore.training_history_update_(self.history, self.count, t, losses)

@@ -153,6 +153,23 @@ def test_diffrec_unsupported_inputs_fall_back():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_diffrec_non_contiguous_batch_keeps_the_originals_noise():
+    """randn_like fills a non-contiguous x_start's layout in memory order, so accelerate runs the
+    original loop for it: the same values as without accelerate, given the same global seed."""
+    diffusion = _diffusion()
+    model = Denoiser(8)
+    x = torch.rand(8, 4).T  # column-major (4, 8)
+    expected = _run(diffusion, model, x, 3, True)
+    with torch.no_grad():
+        expected_no_grad = _run(diffusion, model, x, 3, True)
+    with diffrec.accelerate(diffusion):
+        got = _run(diffusion, model, x, 3, True)
+        with torch.no_grad():
+            got_no_grad = _run(diffusion, model, x, 3, True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got_no_grad, expected_no_grad, rtol=0, atol=0)
+
+
 # --- a LightGCN written like LightGCN-PyTorch's, training side too (edge dropout, forward) --------
 class LightGCN(nn.Module):
     def __init__(self, n_users, n_items, edges, n_layers=3, dim=8, dropout=False):
@@ -403,6 +420,13 @@ def test_samplers_reject_bad_arguments():
         diffcore.nn.DiffuRecSampler("not callable", schedule)
     with pytest.raises(TypeError):
         diffcore.nn.SphereSampler(Denoiser(3), "not a schedule")
+    dreamrec = diffcore.nn.DreamRecSampler(lambda x, c, t: 0.5 * x, schedule, 2.0, batched=True)
+    h = torch.randn(2, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"null_condition: expected shape \(8,\), \(1, 8\) or"):
+        dreamrec(h, torch.randn(4, 4), seed=1)  # 16 values, not reshaped into two rows of 8
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="x_T: expected 2 rows"):
+            dreamrec(h, torch.randn(8), torch.randn(1, 8), seed=1)  # not broadcast to the batch
 
 
 class RecBoleLightGCN(nn.Module):

@@ -195,6 +195,35 @@ def test_in_place_operands_that_alias_x_t_are_read_before_it_is_written(step, al
     torch.testing.assert_close(x, want, rtol=0, atol=0)
 
 
+def test_outputs_that_repeat_memory_are_refused(schedule):
+    """An expanded (stride-0) out or in-place x would have several rows write one location: the
+    public API raises ValueError naming it, a direct op call RuntimeError; q_sample (diffusion and
+    sphere) in place reads a noise that is a shifted view of x0 as it was before the call."""
+    x, m = make((4, 8), torch.float32, seed=15)[:2]
+    expanded = torch.zeros(1, 8).expand(4, 8)
+    calls = [
+        lambda: diffcore.q_sample(x, 5, schedule, seed=3, out=expanded),
+        lambda: diffcore.p_step(x, m, 5, schedule, seed=3, out=expanded),
+        lambda: diffcore.sphere.q_sample(x, 5, schedule, seed=3, out=expanded),
+        lambda: diffcore.sphere.p_step(x, m, 5, schedule, seed=3, out=expanded),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="out: more than one of its elements"):
+            call()
+    with pytest.raises(ValueError, match="x_t: more than one of its elements"):
+        diffcore.p_step_(torch.zeros(1, 8).expand(4, 8), m, 5, schedule)
+    table = schedule.p_table("x0", "posterior")
+    with pytest.raises(RuntimeError, match="x: more than one of its elements"):
+        torch.ops.diffcore.diffusion_step_(expanded, m, None, 0.0, torch.tensor([5]), table, None, 1, 0, False)
+    for q_sample in (diffcore.q_sample, diffcore.sphere.q_sample):
+        buf = torch.randn(5, 8, generator=torch.Generator().manual_seed(16))
+        buf /= buf.norm(dim=1, keepdim=True)
+        x0, noise = buf[1:], buf[:4]
+        want = q_sample(x0.clone(), 3, schedule, noise=noise.clone())
+        q_sample(x0, 3, schedule, noise=noise, out=x0)
+        torch.testing.assert_close(x0, want, rtol=0, atol=0)
+
+
 def test_empty_batch(schedule):
     x = torch.empty(0, 10)
     assert diffcore.p_step(x, x.clone(), 3, schedule, seed=1).shape == (0, 10)
@@ -433,8 +462,16 @@ def bad_cases(schedule):
         (lambda: diffcore.p_step(x, m, 1, "linear"), TypeError, "schedule: expected a diffcore.Schedule"),
         (lambda: diffcore.p_step(x, m, 1, schedule, prediction="v"), ValueError, "prediction: expected one of"),
         (lambda: diffcore.p_step(x, m, 1, schedule, variance="learned"), ValueError, "variance: expected one of"),
-        (lambda: diffcore.ddim_step(x, m, 5, 7, schedule, eta=-1.0), ValueError, "eta"),
+        (lambda: diffcore.ddim_step(x, m, 7, 5, schedule, eta=-1.0), ValueError, "eta"),
+        (lambda: diffcore.ddim_step(x, m, 7, 5, schedule, eta=float("nan")), ValueError, "eta: expected a finite"),
         (lambda: diffcore.ddim_step(x, m, 5, 40, schedule), ValueError, "t_prev"),
+        (lambda: diffcore.ddim_step(x, m, 5, 7, schedule, eta=1.0), ValueError, "t_prev: expected t_prev < t"),
+        (lambda: diffcore.ddim_step(x, m, 5, True, schedule), TypeError, "t_prev: expected an int"),
+        (lambda: diffcore.ddim_step(x, m, torch.tensor([-1] * 4), -1, schedule), RuntimeError,
+         r"t: every timestep must lie in \[0, 40\)"),
+        (lambda: diffcore.ddim_step(x, m, 5, torch.tensor([-5] * 4), schedule), RuntimeError, "t_prev: every"),
+        (lambda: diffcore.ddim_step(x, m, torch.tensor([5] * 4), torch.tensor([4, 6, -1, 0]), schedule),
+         RuntimeError, r"t_prev: every t_prev must lie in \[-1, t\)"),
         (lambda: diffcore.sample(lambda x, t: x, x, schedule, steps=41), ValueError, "steps"),
         (lambda: diffcore.q_sample(x, 1, schedule, seed=2**64), ValueError, "seed"),
     ]

@@ -676,3 +676,74 @@ def test_bad_input():
                                              None, None, 5, 2, "gaussian", 1 / 3, 1.0, 0, 0, torch.float32)
     with pytest.raises(RuntimeError, match="kind"):
         torch.ops.diffcore.linalg_sketch(A, 2, "uniform", 1 / 3, 1.0, 0, 0)
+
+
+def unchecked_coo(index: list[list[int]], shape: tuple[int, int] = (3, 4)) -> torch.Tensor:
+    """A torch COO tensor that torch did not check (its indices may lie outside the shape)."""
+    return torch.sparse_coo_tensor(torch.tensor(index), torch.ones(len(index[0])), shape, check_invariants=False)
+
+
+def unchecked_csr(crow: list[int], col: list[int], shape: tuple[int, int] = (3, 4), nnz: int | None = None
+                  ) -> torch.Tensor:
+    """A torch CSR tensor that torch did not check (broken row pointers, column indices outside the
+    shape, ``nnz`` values when given rather than one per column index)."""
+    values = torch.ones(len(col) if nnz is None else nnz)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.tensor(crow), torch.tensor(col), values, shape, check_invariants=False)
+
+
+BAD_INDICES = {
+    "coo negative row": (unchecked_coo([[0, -1], [1, 0]]), r"A: row indices: ids must be non-negative, got -1"),
+    "coo row past m": (unchecked_coo([[0, 3], [1, 0]]), r"A: row indices: ids must be < 3, got 3"),
+    "coo negative column": (unchecked_coo([[0, 1], [-2, 0]]), r"A: column indices: ids must be non-negative, got -2"),
+    "coo column past n": (unchecked_coo([[0, 1], [1, 7]]), r"A: column indices: ids must be < 4, got 7"),
+    "csr column past n": (unchecked_csr([0, 1, 1, 2], [0, 9]), r"A: col_indices: ids must be < 4, got 9"),
+    "csr negative column": (unchecked_csr([0, 1, 1, 2], [0, -1]), r"A: col_indices: ids must be non-negative, got -1"),
+    "csr crow too short": (unchecked_csr([0, 1, 2], [0, 1]), r"A: crow_indices: expected shape \(4,\) \(rows \+ 1\), "
+                           r"got \(3,\)"),
+    "csr crow not from 0": (unchecked_csr([1, 1, 2, 2], [0, 1]), r"A: crow_indices: expected a first entry of 0, "
+                            r"got 1"),
+    "csr crow decreasing": (unchecked_csr([0, 2, 1, 2], [0, 1]), r"A: crow_indices: expected non-decreasing row "
+                            r"pointers, got entry 1 = 2 > entry 2 = 1"),
+    "csr crow past nnz": (unchecked_csr([0, 1, 1, 5], [0, 1]), r"A: crow_indices: expected a last entry equal to the "
+                          r"number of stored values \(2\), got 5"),
+    "csr crow short of nnz": (unchecked_csr([0, 1, 1, 1], [0, 1]), r"A: crow_indices: expected a last entry equal to "
+                              r"the number of stored values \(2\), got 1"),
+    "csr values not one per column": (unchecked_csr([0, 1, 1, 2], [0, 1], nnz=5), r"A: values: expected shape "
+                                      r"\(2,\) \(one per column index\), got \(5,\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INDICES, ids=str)
+def test_bad_sparse_indices_raise(case):
+    """Torch sparse tensors built with check_invariants=False and indices outside the shape or a
+    broken CSR structure: a ValueError naming A's array, for every entry point, raised before any
+    torch sparse conversion (torch's coalesce() and to_sparse_csc() crashed the process on them:
+    segfault or glibc heap-corruption abort; a decreasing crow gave 'repeats can not be negative')."""
+    A, message = BAD_INDICES[case]
+    for name, fn in entry_points(2).items():
+        with pytest.raises(ValueError, match=message):
+            fn(A)
+
+
+def test_falsely_coalesced_coo_is_coalesced():
+    """A COO tensor flagged coalesced whose entries are unsorted and repeated (torch trusts the flag,
+    so its coalesce() keeps them): sketched as its true sum, as the same tensor without the flag."""
+    index, values = torch.tensor([[2, 0, 0], [1, 3, 3]]), torch.tensor([1.0, 2.0, 4.0])
+    flagged = torch.sparse_coo_tensor(index, values, (3, 4), is_coalesced=True, check_invariants=False)
+    honest = torch.sparse_coo_tensor(index, values, (3, 4), check_invariants=True)
+    torch.testing.assert_close(linalg.sketch(flagged, 3), linalg.sketch(honest, 3))
+    torch.testing.assert_close(linalg.sketch(flagged, 3), honest.to_dense() @ ref.omega(4, 3))
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (0, 0)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cholqr2_no_columns(shape, dtype):
+    """Y with no columns is tall (m >= n): its basis is empty, with the shape torch.linalg.qr gives
+    (it indexed the last singular value of an empty R: IndexError)."""
+    Y = torch.randn(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        Q = linalg.cholqr2(Y)
+    assert Q.shape == torch.linalg.qr(Y).Q.shape == shape and Q.dtype == dtype

@@ -232,6 +232,29 @@ def test_rejects_bad_arguments():
         retrieval.topk(scores, 2, exclude=(torch.tensor([0, 2, 1, 2]), torch.tensor([0, 1])))
 
 
+def test_exclude_indices_must_be_int32_or_int64():
+    """Bool col ids were read as 0/1 and a complex or floating crow was accepted: the CSR index
+    tensors of ``exclude`` are int64 or int32, anything else is a TypeError naming the tensor."""
+    scores = torch.randn(3, 6)
+    crow, col = torch.tensor([0, 1, 1, 2]), torch.tensor([4, 5])
+    bad = [
+        ((crow, torch.tensor([True, True])), "col_indices", "torch.bool"),
+        ((crow.to(torch.complex64), col), "crow_indices", "torch.complex64"),
+        ((crow.double(), col), "crow_indices", "torch.float64"),
+        ((crow, col.float()), "col_indices", "torch.float32"),
+        ((crow.to(torch.int16), col), "crow_indices", "torch.int16"),
+        ((crow, col.to(torch.uint8)), "col_indices", "torch.uint8"),
+        ((crow.bool(), col), "crow_indices", "torch.bool"),
+    ]
+    for exclude, name, dtype in bad:
+        with pytest.raises(TypeError, match=f"exclude: expected {name} of dtype int64 or int32, got {dtype}"):
+            retrieval.topk(scores, 2, exclude=exclude)
+    want = retrieval.topk(scores, 2, exclude=(crow, col))
+    numpy_pair = (crow.numpy(), col.numpy().astype(np.int32))
+    for exclude in ((crow.int(), col.int()), (crow.tolist(), col.tolist()), numpy_pair):
+        _assert_exact(retrieval.topk(scores, 2, exclude=exclude), want)
+
+
 def test_op_rejects_bad_arguments():
     """Direct ``torch.ops`` calls are checked in the kernel too."""
     if diffcore.implementations("retrieval_topk")["cpu"].reason("cpu"):

@@ -376,6 +376,35 @@ def test_in_place_and_out_equal_functional():
     torch.testing.assert_close(xi, S.probability_flow_step(x, s, 0.5, -0.01, sde), rtol=0, atol=0)
 
 
+def test_outputs_that_repeat_memory_are_refused_and_aliased_operands_read_first():
+    """An expanded (stride-0) out, mean_out or in-place x raises, naming it (the public API with
+    ValueError, a direct op call with RuntimeError). The public in-place steps refuse a score that
+    shares memory with x; the kernel itself, called directly, reads such a score (a shifted view of
+    x, with and without the corrector's norms) as it was before the call."""
+    sde = make_sde("vp")
+    x, s, z = make((4, 16), seed=13)
+    expanded = torch.zeros(1, 16).expand(4, 16)
+    with pytest.raises(ValueError, match="out: more than one of its elements"):
+        S.sde_forward(x, 0.5, sde, noise=z, out=expanded)
+    with pytest.raises(ValueError, match="mean_out: more than one of its elements"):
+        S.euler_maruyama_step(x, s, 0.5, -0.01, sde, noise=z, mean_out=expanded)
+    with pytest.raises(ValueError, match="more than one of its elements"):
+        S.langevin_step_(torch.zeros(1, 16).expand(4, 16), s, SNR, sde, t=0.5, noise=z)
+    with pytest.raises(RuntimeError, match="x: more than one of its elements"):
+        torch.ops.diffcore.sde_step_(expanded, s, torch.ones(1, 4, dtype=torch.float64), z, None, 0, None, None)
+    buf = torch.randn(5, 16, generator=torch.Generator().manual_seed(14))
+    with pytest.raises(ValueError, match="out: must not share memory with score"):
+        S.reverse_diffusion_step_(buf[:4], buf[1:], 0.5, sde, noise=z)
+    coef = torch.tensor([[0.9, 0.1, 0.3, -1.0]], dtype=torch.float64)
+    for snr in (None, SNR):
+        b = buf.clone()
+        xi, shifted = b[:4], b[1:]
+        want = xi.clone()
+        torch.ops.diffcore.sde_step_(want, shifted.clone(), coef, z, None, 0, snr, None)
+        torch.ops.diffcore.sde_step_(xi, shifted, coef, z, None, 0, snr, None)
+        torch.testing.assert_close(xi, want, rtol=0, atol=0)
+
+
 def test_empty_batch():
     x = torch.empty(0, 10)
     out, mean = S.langevin_step(x, x.clone(), SNR, make_sde("vp"), t=0.5, seed=1)

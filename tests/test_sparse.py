@@ -5,6 +5,8 @@ constructors' options, LightGCNPropagation and bad input."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -308,7 +310,7 @@ def test_duplicates():
     summed = Adjacency.from_interactions(users, items, 2, 2, duplicates="sum", norm="none")
     assert collapsed.nnz == summed.nnz == 4 and collapsed.values is None
     assert summed.to_sparse_coo().to_dense()[0, 3].item() == 3.0
-    with pytest.raises(ValueError, match=r"duplicates='error': edge \(0, 3\) appears 3 times"):
+    with pytest.raises(ValueError, match=r"duplicates='error': \(user, item\) pair \(0, 1\) appears 3 times"):
         Adjacency.from_interactions(users, items, 2, 2, duplicates="error")
     with pytest.raises(ValueError, match="different values"):
         Adjacency.from_interactions(users, items, 2, 2, weights=[1.0, 2.0, 1.0, 1.0])
@@ -317,6 +319,18 @@ def test_duplicates():
     assert Adjacency.from_torch(coo, norm="none").to_sparse_coo().to_dense()[0, 1].item() == 3.0
     with pytest.raises(ValueError, match="appears 2 times"):
         Adjacency.from_torch(coo, duplicates="error")
+
+
+def test_duplicate_errors_name_the_user_and_item():
+    """A repeated (user, item) pair is reported with the ids the caller gave, not as the graph's node
+    ids (user 0, item 0 is the edge between nodes 0 and n_users: it was reported as 'edge (0, 2)')."""
+    with pytest.raises(ValueError, match=r"duplicates='error': \(user, item\) pair \(0, 0\) appears 2 times"):
+        Adjacency.from_interactions([0, 0], [0, 0], 2, 3, duplicates="error")
+    with pytest.raises(ValueError, match=r"\(user, item\) pair \(2, 1\) appears 2 times"):
+        Adjacency.from_interactions([2, 1, 2], [1, 0, 1], 3, 2, weights=[1.0, 1.0, 2.0])
+    coo = torch.sparse_coo_tensor(torch.tensor([[1, 1], [0, 0]]), torch.ones(2), (2, 2), check_invariants=True)
+    with pytest.raises(ValueError, match=r"duplicates='error': edge \(1, 0\) appears 2 times"):
+        Adjacency.from_torch(coo, duplicates="error")  # a graph without users and items keeps node ids
 
 
 def test_degrees_scales_self_loops_and_transpose():
@@ -403,6 +417,43 @@ def test_bad_construction():
         sparse._index_dtype(torch.int32, 2**31)
     big = Adjacency.from_interactions(torch.tensor([0]), torch.tensor([0]), 1, 1, index_dtype=torch.int64)
     assert big.index_dtype == torch.int64
+
+
+def unchecked_csr(crow: list[int], col: list[int], n: int = 3) -> torch.Tensor:
+    """An (n, n) torch CSR tensor that torch did not check (broken row pointers, column indices
+    outside the shape)."""
+    values = torch.ones(len(col))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.tensor(crow), torch.tensor(col), values, (n, n), check_invariants=False)
+
+
+def test_from_torch_bad_indices():
+    """Indices outside the shape or broken CSR row pointers: a ValueError naming the array, raised
+    before anything reads them (a decreasing crow gave 'RuntimeError: repeats can not be negative';
+    a crow ending past the number of stored values blamed the values: 'values: expected shape (5,)')."""
+    coo = torch.sparse_coo_tensor(torch.tensor([[0, -1], [1, 0]]), torch.ones(2), (3, 3), check_invariants=False)
+    with pytest.raises(ValueError, match="tensor: row indices: ids must be non-negative, got -1"):
+        Adjacency.from_torch(coo)
+    coo = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 3]]), torch.ones(2), (3, 3), check_invariants=False)
+    with pytest.raises(ValueError, match="tensor: column indices: ids must be < 3, got 3"):
+        Adjacency.from_torch(coo)
+    with pytest.raises(ValueError, match=r"tensor: crow_indices: expected non-decreasing row pointers, got entry 1 = 2 "
+                       r"> entry 2 = 1"):
+        Adjacency.from_torch(unchecked_csr([0, 2, 1, 2], [0, 1]))
+    with pytest.raises(ValueError, match=r"tensor: crow_indices: expected a last entry equal to the number of stored "
+                       r"values \(2\), got 5"):
+        Adjacency.from_torch(unchecked_csr([0, 1, 2, 5], [0, 1]))
+    with pytest.raises(ValueError, match="tensor: crow_indices: expected a first entry of 0, got 1"):
+        Adjacency.from_torch(unchecked_csr([1, 1, 2, 2], [0, 1]))
+    with pytest.raises(ValueError, match=r"tensor: crow_indices: expected shape \(4,\) \(rows \+ 1\), got \(3,\)"):
+        Adjacency.from_torch(unchecked_csr([0, 1, 2], [0, 1]))
+    with pytest.raises(ValueError, match="tensor: col_indices: ids must be < 3, got 9"):
+        Adjacency.from_torch(unchecked_csr([0, 1, 1, 2], [0, 9]))
+    with pytest.raises(ValueError, match="tensor: col_indices: ids must be non-negative, got -1"):
+        Adjacency.from_torch(unchecked_csr([0, 1, 1, 2], [0, -1]))
+    good = Adjacency.from_torch(unchecked_csr([0, 1, 1, 2], [2, 0]), norm="none")  # a valid unchecked tensor
+    assert torch.equal(good.to_sparse_coo().to_dense(), torch.tensor([[0.0, 0, 1], [0, 0, 0], [1, 0, 0]]))
 
 
 def test_bad_calls():

@@ -222,6 +222,71 @@ def test_sample_is_deterministic_for_a_seed():
     assert int(t1.min()) >= 0 and int(t1.max()) < 50 and t1.dtype == torch.int64
 
 
+def test_update_rejects_non_finite_losses():
+    """A NaN or inf loss would make every later importance draw invalid (DiffRec's weights are
+    sqrt(mean(Lt^2))): refused on the CPU, history and counts unchanged; signs are accepted."""
+    sampler = TimestepSampler(3, "importance", history=2)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"losses: expected finite losses.*got losses\[1\] = "):
+            sampler.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, bad, 2.0], dtype=torch.float64))
+        assert int(sampler.count.sum()) == 0 and not bool(sampler.history.any())
+    sampler.update(torch.tensor([0, 1]), torch.tensor([-1.0, 2.0]))
+    assert sampler.history[:2, 0].tolist() == [-1.0, 2.0] and sampler.count.tolist() == [1, 1, 0]
+
+
+def test_importance_sample_rejects_a_history_that_is_no_distribution():
+    """A full history whose weights are no distribution (all losses 0, NaN in it, squares that
+    overflow float64) raised torch's 'invalid multinomial distribution'; now a ValueError."""
+    steps, history = 3, 2
+    t = torch.arange(steps).repeat(history)
+    cases = [
+        (torch.zeros(steps * history, dtype=torch.float64), "every loss in it is 0"),
+        (torch.full((steps * history,), 1e200, dtype=torch.float64), "overflow float64"),
+    ]
+    for losses, why in cases:
+        sampler = TimestepSampler(steps, "importance", history)
+        sampler.update(t, losses)
+        assert sampler.warm()
+        with pytest.raises(ValueError, match=f"history: expected losses whose importance weights.*{why}"):
+            sampler.sample(4, seed=0)
+    sampler = TimestepSampler(steps, "importance", history)
+    sampler.update(t, torch.ones(steps * history, dtype=torch.float64))
+    sampler.history[1, 0] = float("nan")  # written past update's check
+    with pytest.raises(ValueError, match="history: .*it holds NaN or inf"):
+        sampler.sample(4, seed=0)
+    uniform = TimestepSampler(steps, "uniform", history)  # uniform draws never read the history
+    uniform.update(t, torch.zeros(steps * history, dtype=torch.float64))
+    assert uniform.sample(4, seed=0)[0].shape == (4,)
+
+
+def test_sample_seeds_must_be_ints_in_u64():
+    """``seed=2**70`` raised torch's 'Overflow when unpacking long long'; seeds are checked as
+    every diffcore seed is, and the whole [0, 2**64) draws as torch.Generator.manual_seed does."""
+    sampler = TimestepSampler(50, "uniform")
+    for big in (2**64, 2**70):
+        with pytest.raises(ValueError, match=r"seed: expected an int in \[0, 2\*\*64\)"):
+            sampler.sample(2, seed=big)
+        with pytest.raises(ValueError, match=r"generator: expected a torch.Generator or an int seed in \[0, 2\*\*64\)"):
+            sampler.sample(2, big)
+    for bad in ("7", 7.0, True, torch.Generator()):
+        with pytest.raises(TypeError, match="seed: expected an int, got"):
+            sampler.sample(2, seed=bad)
+    for seed in (0, 2**63 - 1, 2**63, 2**64 - 1):
+        want, _ = sampler.sample(16, torch.Generator().manual_seed(seed))
+        assert torch.equal(sampler.sample(16, seed=seed)[0], want) and torch.equal(sampler.sample(16, seed)[0], want)
+
+
+def test_uniform_prob_is_a_probability():
+    """``uniform_prob='a'`` raised "'<=' not supported between instances"; now a TypeError."""
+    for bad in ("a", None, True, torch.tensor(0.1)):
+        with pytest.raises(TypeError, match="uniform_prob: expected a float in \\[0, 1\\], got"):
+            TimestepSampler(3, uniform_prob=bad)
+    for bad in (-0.1, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="uniform_prob: expected a probability in \\[0, 1\\]"):
+            TimestepSampler(3, uniform_prob=bad)
+    assert [TimestepSampler(3, uniform_prob=p).uniform_prob for p in (0, 1, 0.5)] == [0.0, 1.0, 0.5]
+
+
 # --- bpr_loss -----------------------------------------------------------------------------------
 def bpr_tables(dtype=torch.float32, seed=0, n_users=11, n_items=17, d=9):
     g = torch.Generator().manual_seed(seed)

@@ -3,7 +3,6 @@
 // structs name the shared fields alike (out, x, u, noise, coef, guidance, seed, ...).
 #pragma once
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -36,30 +35,20 @@ inline void check_guided_step(const at::Tensor& x, const std::optional<at::Tenso
   TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
   check_like(out, x, "out", x_name);
+  check_no_internal_overlap(out, out.is_same(x) ? x_name : "out");
   check_same_device(table, x, "table", x_name);
 }
 
-// t, or a copy of it when it shares memory with out other than element for element. The kernels
-// read each row before they write the same row, so an operand laid out exactly as out (x itself in
-// place, or a denoiser that returns its input) is safe; a shifted or strided view of out (e.g. a
-// denoiser output that expands one row of its input) would be overwritten before it is read.
-inline at::Tensor apart_from_out(const at::Tensor& t, const at::Tensor& out) {
-  const at::MemOverlapStatus s = at::get_overlap_status(t, out);
-  return s == at::MemOverlapStatus::Partial || s == at::MemOverlapStatus::TooHard
-             ? t.clone(at::MemoryFormat::Contiguous)
-             : t;
-}
-
 // Unit-column-stride views (the tensors themselves when they have one) of operands that do not
-// alias out (apart_from_out); finish_guided_step copies a scratch output back.
+// alias out (apart_from, checks.h); finish_guided_step copies a scratch output back.
 inline GuidedStepViews guided_step_views(const at::Tensor& x, const std::optional<at::Tensor>& f,
                                          const std::optional<at::Tensor>& f_uncond,
                                          const std::optional<at::Tensor>& noise, const at::Tensor& out) {
   GuidedStepViews v;
-  v.x = unit_cols(apart_from_out(x, out));
-  if (f) v.f = unit_cols(apart_from_out(*f, out));
-  if (f_uncond) v.u = unit_cols(apart_from_out(*f_uncond, out));
-  if (noise) v.z = unit_cols(apart_from_out(*noise, out));
+  v.x = unit_cols(apart_from(x, out));
+  if (f) v.f = unit_cols(apart_from(*f, out));
+  if (f_uncond) v.u = unit_cols(apart_from(*f_uncond, out));
+  if (noise) v.z = unit_cols(apart_from(*noise, out));
   v.out = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
   return v;
 }

@@ -292,7 +292,14 @@ void run_sde_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
   TORCH_CHECK(!snr || (*snr > 0.0 && std::isfinite(*snr)), "snr: expected snr > 0, got ", snr.value_or(0.0));
   check_like(out, x, "out", "x");
-  if (mean_out) check_like(*mean_out, x, "mean_out", "x");
+  check_no_internal_overlap(out, out.is_same(x) ? "x" : "out");
+  if (mean_out) {
+    check_like(*mean_out, x, "mean_out", "x");
+    check_no_internal_overlap(*mean_out, "mean_out");
+    const at::MemOverlapStatus s = at::get_overlap_status(*mean_out, out);
+    TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial,
+                "mean_out: must not share memory with ", out.is_same(x) ? "x (written in place)" : "out");
+  }
   check_same_device(coef, x, "coef", "x");
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(coef.dim() == 2 && coef.size(1) == 4 && (coef.size(0) == 1 || coef.size(0) == rows),
@@ -307,9 +314,14 @@ void run_sde_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor
   std::vector<double> abs_k(static_cast<size_t>(R));
   for (int64_t r = 0; r < R; ++r) abs_k[r] = std::abs(cp[4 * r + 3]);
 
-  const at::Tensor xs = unit_cols(x);
-  const at::Tensor ss = unit_cols(score);
-  const OptTensor zs = noise ? OptTensor(unit_cols(*noise)) : std::nullopt;
+  // Operands that alias an output are read from copies (apart_from, checks.h).
+  const auto apart = [&](const at::Tensor& t) {
+    const at::Tensor a = apart_from(t, out);
+    return unit_cols(mean_out ? apart_from(a, *mean_out) : a);
+  };
+  const at::Tensor xs = apart(x);
+  const at::Tensor ss = apart(score);
+  const OptTensor zs = noise ? OptTensor(apart(*noise)) : std::nullopt;
   const at::Tensor os = unit_cols_out(out);
   const OptTensor ms = mean_out ? OptTensor(unit_cols_out(*mean_out)) : std::nullopt;
 

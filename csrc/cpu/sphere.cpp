@@ -634,10 +634,11 @@ void run_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& t
   if (noise) check_like(*noise, x0, "noise", "x0");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
   check_like(out, x0, "out", "x0");
+  check_no_internal_overlap(out, out.is_same(x0) ? "x0" : "out");
   check_same_device(table, x0, "table", "x0");
   const std::vector<float> coef = gather_rows(table, t, x0.size(0), 1, false, "sphere_q_sample");
-  const at::Tensor xs = unit_cols(x0);
-  const OptTensor zs = noise ? OptTensor(unit_cols(*noise)) : std::nullopt;
+  const at::Tensor xs = unit_cols(apart_from(x0, out));
+  const OptTensor zs = noise ? OptTensor(unit_cols(apart_from(*noise, out))) : std::nullopt;
   const at::Tensor os = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
   SphereOperands op;
   op.rows = x0.size(0);

@@ -22,7 +22,8 @@ it). Results agree with the original to float32 rounding (diffcore folds the eps
 products into one float64 coefficient).
 
 Calls the replacement does not cover fall back to the original method: ``noise_scale == 0``,
-inputs that are not 2-D float32 tensors, a ``steps`` that is not an int in ``[0, steps]``, or an
+inputs that are not contiguous 2-D float32 tensors (a non-contiguous batch: see ``_supported``),
+a ``steps`` that is not an int in ``[0, steps]``, or an
 object whose ``steps`` changed since :func:`accelerate`.
 
 DDRM clamps timesteps ``t >= T`` to the last table entry: ``accelerate(diffusion, clamp_t=True)``
@@ -121,11 +122,15 @@ class AcceleratedDiffusion:
 
     # --- the replacements ---------------------------------------------------------------------
     def _supported(self, x: object) -> bool:
+        """Whether the fused ops take ``x``; otherwise the original runs. A non-contiguous batch
+        runs the original: DiffRec's ``randn_like`` draws into tensors laid out like its x_t (in
+        memory order), and the fused ops return contiguous tensors, so later draws would differ."""
         return (
             self.schedule is not None
             and isinstance(x, torch.Tensor)
             and x.dim() == 2
             and x.dtype == torch.float32
+            and x.is_contiguous()
             and int(self.diffusion.steps) == self.num_steps
         )
 

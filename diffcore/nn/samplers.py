@@ -94,14 +94,19 @@ class DreamRecSampler(_Sampler):
             (B, d) x_0."""
         _checks.float_tensor("condition", condition, ndim=2)
         seed, offset = _checks.seed_offset(seed, offset)
-        B = condition.shape[0]
-        null_condition = torch.as_tensor(null_condition, device=condition.device).reshape(-1, condition.shape[1])
-        null_condition = null_condition.expand(B, -1)
+        B, d_c = condition.shape
+        null_condition = torch.as_tensor(null_condition, device=condition.device)
+        if null_condition.shape not in ((d_c,), (1, d_c), (B, d_c)):
+            raise ValueError(f"null_condition: expected shape ({d_c},), (1, {d_c}) or ({B}, {d_c}) (condition is "
+                             f"({B}, {d_c})), got {tuple(null_condition.shape)}")
+        null_condition = null_condition.reshape(-1, d_c).expand(B, -1)
         if x_T is None:
             x_T = torch.empty_like(condition) if seed is not None else torch.randn_like(condition)
             if seed is not None:
                 randn_(x_T, seed=seed, offset=offset)
         _checks.float_tensor("x_T", x_T, ndim=2)
+        if x_T.shape[0] != B:
+            raise ValueError(f"x_T: expected {B} rows (one per condition row), got shape {tuple(x_T.shape)}")
         schedule = self._schedule_on(x_T.device)
         stride = (x_T.numel() + 3) // 4
         t_all = torch.arange(schedule.num_steps, device=x_T.device)

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -55,6 +56,26 @@ inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* n
   check_same_device(t, ref, name, ref_name);
   check_same_dtype(t, ref, name, ref_name);
   check_same_shape(t, ref, name, ref_name);
+}
+
+// A tensor a kernel writes must give each element its own memory: an expanded (stride-0) view
+// would have several rows write one location. name: the argument as the caller knows it.
+inline void check_no_internal_overlap(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+              ": more than one of its elements refers to the same memory location (an expanded view?); "
+              "write into a tensor that owns its elements, e.g. a .clone()");
+}
+
+// t, or a contiguous copy of it when it shares memory with `out` other than element for element.
+// The row kernels read each row of their operands before they write that row of out, so an
+// operand laid out exactly as out (x itself in place, a denoiser that returns its input) is safe;
+// a shifted or expanded view of out (a denoiser output that repeats one row of its input) would
+// be overwritten before it is read.
+inline at::Tensor apart_from(const at::Tensor& t, const at::Tensor& out) {
+  const at::MemOverlapStatus s = at::get_overlap_status(t, out);
+  return s == at::MemOverlapStatus::Partial || s == at::MemOverlapStatus::TooHard
+             ? t.clone(at::MemoryFormat::Contiguous)
+             : t;
 }
 
 // A 2-D operand with unit column stride: the tensor itself, or a contiguous copy.

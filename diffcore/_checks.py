@@ -4,6 +4,9 @@ kernels, so a compiled graph never breaks on them; int arguments are checked her
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -20,6 +23,17 @@ def float_tensor(
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
     return x
+
+
+def real(name: str, value: object, ok: Callable[[float], bool] = math.isfinite, what: str = "a finite number") -> float:
+    """A Python int or float as a float: TypeError for anything else (bool included), ValueError
+    naming ``what`` unless ``ok(value)`` (by default: finite, so NaN and inf are refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
+    value = float(value)
+    if not ok(value):
+        raise ValueError(f"{name}: expected {what}, got {value}")
+    return value
 
 
 def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:

@@ -50,7 +50,8 @@ class Schedule:
             raise ValueError(f"betas: expected a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
         if betas.dtype not in (torch.float64, torch.float32):
             raise TypeError(f"betas: expected float64 or float32, got {betas.dtype}")
-        self.noise_scale = float(noise_scale)
+        self.noise_scale = _checks.real("noise_scale", noise_scale, lambda v: v >= 0 and math.isfinite(v),
+                                        "a finite noise_scale >= 0")
         if self.noise_scale != 0.0:
             if not bool(torch.isfinite(betas).all()):
                 raise ValueError("betas: every beta must be finite")
@@ -99,6 +100,16 @@ class Schedule:
         """DiffRec's ``betas_for_alpha_bar`` with ``cos((t + s) / (1 + s) pi / 2)^2``, betas capped at
         ``max_beta``; ``clip=(1e-4, 0.9999)`` clamps instead, as DreamRec does."""
         T = _steps(T)
+        s = _checks.real("s", s, lambda v: v >= 0 and math.isfinite(v), "a finite offset s >= 0")
+        beta_range = "a beta in (0, 1]"
+        if clip is None:
+            max_beta = _checks.real("max_beta", max_beta, lambda v: 0 < v <= 1, beta_range)
+        else:
+            if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+                raise TypeError(f"clip: expected a (min, max) pair, got {clip!r}")
+            clip = tuple(_checks.real(f"clip[{i}]", c, lambda v: 0 < v <= 1, beta_range) for i, c in enumerate(clip))
+            if clip[0] > clip[1]:
+                raise ValueError(f"clip: expected min <= max, got {clip}")
         x = torch.arange(T + 1, dtype=torch.float64) / T
         alpha_bar = torch.cos((x + s) / (1 + s) * math.pi / 2) ** 2
         betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
@@ -246,6 +257,7 @@ def _run_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, 
 def _step_operands(x_t, model_out, uncond_out, guidance_scale, noise, seed, offset, out):
     """Checks the operands every step shares; returns the normalised (seed, offset, out)."""
     _checks.float_tensor("x_t", x_t, ndim=2)
+    _checks.real("guidance_scale", guidance_scale)
     if model_out is not None:
         _checks.like("model_out", model_out, x_t, "x_t")
     if uncond_out is not None:
@@ -438,11 +450,7 @@ def ddim_step(
     if t_int is None or not isinstance(t_prev, int):  # tensor values
         torch._assert_async(((t >= 0) & (t < T)).all(), f"t: every timestep must lie in [0, {T})")
         torch._assert_async(((t_prev >= -1) & (t_prev < t)).all(), "t_prev: every t_prev must lie in [-1, t)")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"eta: expected a float, got {type(eta).__name__}")
-    eta = float(eta)
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta: expected a finite eta >= 0, got {eta}")
+    eta = _checks.real("eta", eta, lambda v: v >= 0 and math.isfinite(v), "a finite eta >= 0")
     table = schedule.ddim_table(t, t_prev, eta, prediction)
     return _run_step(x_t, model_out, uncond_out, guidance_scale, None, table, noise, seed, offset, False, out)
 

@@ -382,21 +382,12 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}: expected {what}, got {value}")
-    return value
+    return _checks.real(name, value, lambda v: v > 0 and math.isfinite(v), what)
 
 
 def _step_dt(dt: object) -> float:
-    if isinstance(dt, bool) or not isinstance(dt, (int, float)):
-        raise TypeError(f"dt: expected a float, got {type(dt).__name__}")
-    dt = float(dt)
-    if not (dt < 0 and math.isfinite(dt)):
-        raise ValueError(f"dt: expected a negative step (the reverse SDE runs from t = 1 towards 0), got {dt}")
-    return dt
+    return _checks.real("dt", dt, lambda v: v < 0 and math.isfinite(v),
+                        "a negative step (the reverse SDE runs from t = 1 towards 0)")
 
 
 def _score_scale(prediction: str, std: object, t: Time, x: torch.Tensor, sde: SDE) -> torch.Tensor | float:

@@ -13,6 +13,9 @@ Choices at the edges, shared by every backend (``diffcore.reference.sphere`` is 
   differentiable for any nonzero rows (checking ``|x| = 1`` would cost a pass and a sync, and
   would reject every fp16 row). A zero point row has no direction and raises ``ValueError`` (the
   kernels test the row's sum of squares, so a float32 row below ~1e-19 in norm counts as zero).
+  At the other end, a float32/16 row whose sum of squares overflows float32 (norm above ~1.8e19)
+  is out of range: its norm is inf and every function returns garbage for it (0 for ``x^``),
+  in every backend; such rows need rescaling (or float64) first.
   ``expmap`` reduces ``|P v|^2`` as ``|v|^2 - <x^, v>^2`` in the same sweep: exact for tangent
   ``v``, and it loses precision only when v is nearly normal to the sphere.
 - **Near |v| = 0**, ``sin(t) / t`` and ``t / sin(t)`` switch to their Taylor series below
@@ -39,6 +42,8 @@ is the reference's vector-Jacobian products in torch ops; seeded noise is redraw
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -97,9 +102,7 @@ def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         (B, d) in x's dtype.
     """
     _rows("x", x)
-    eps = float(eps)
-    if not eps >= 0.0:
-        raise ValueError(f"eps: expected eps >= 0, got {eps}")
+    eps = _checks.real("eps", eps, lambda v: v >= 0 and math.isfinite(v), "a finite eps >= 0")
     return _run("sphere_normalize", (x, eps))
 
 
@@ -245,7 +248,7 @@ def p_step(
     _checks.like("model_out", model_out, x_t, "x_t")
     if uncond_out is not None:
         _checks.like("uncond_out", uncond_out, x_t, "x_t")
-    if guidance_scale != 0.0 and uncond_out is None:
+    if _checks.real("guidance_scale", guidance_scale) != 0.0 and uncond_out is None:
         raise ValueError("guidance_scale: a non-zero scale needs uncond_out (the unconditional model output)")
     seed, offset = _noise_operands(x_t, noise, seed, offset, "x_t")
     out = _out_operand(out, x_t, {"model_out": model_out, "uncond_out": uncond_out, "noise": noise})

@@ -6,6 +6,7 @@ DiffuRec's reverse loops) in plain torch; they never call diffcore."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -412,6 +413,16 @@ def test_samplers_step_in_place_safely(sampler):
     torch.testing.assert_close(run(first_row, False), run(first_row, True).detach(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="model_out: expected shape"):
         run(lambda x, c, t: x[:, :-1], False)
+
+
+def test_diffrec_accelerate_needs_integer_steps():
+    diffusion = _diffusion()
+    diffusion.steps = 5.5
+    with pytest.raises(TypeError, match=r"diffusion.steps: expected an int, got 5.5"):
+        diffrec.accelerate(diffusion)
+    diffusion.steps = np.int64(5)  # numpy ints are ints
+    with diffrec.accelerate(diffusion) as accelerated:
+        assert accelerated.num_steps == 5
 
 
 def test_samplers_reject_bad_arguments():

@@ -438,6 +438,21 @@ def test_bad_schedules(betas, match):
         diffcore.Schedule.from_betas(betas)
 
 
+@pytest.mark.parametrize(("build", "error", "match"), [
+    (lambda: diffcore.Schedule.from_betas([0.1], noise_scale=float("nan")), ValueError, "noise_scale: expected a"),
+    (lambda: diffcore.Schedule.from_betas([0.1], noise_scale=-1), ValueError, "noise_scale: expected a finite"),
+    (lambda: diffcore.Schedule.from_betas([0.1], noise_scale="a"), TypeError, "noise_scale: expected"),
+    (lambda: diffcore.Schedule.cosine(10, clip=(0.5, 0.1)), ValueError, r"clip: expected min <= max"),
+    (lambda: diffcore.Schedule.cosine(10, clip=(0.0, 0.1)), ValueError, r"clip\[0\]: expected a beta in \(0, 1\]"),
+    (lambda: diffcore.Schedule.cosine(10, clip=0.5), TypeError, r"clip: expected a \(min, max\) pair"),
+    (lambda: diffcore.Schedule.cosine(10, max_beta=5), ValueError, r"max_beta: expected a beta in \(0, 1\]"),
+    (lambda: diffcore.Schedule.cosine(10, s=-0.1), ValueError, "s: expected a finite offset"),
+], ids=["scale_nan", "scale_negative", "scale_str", "clip_order", "clip_zero", "clip_scalar", "max_beta", "s"])
+def test_bad_schedule_arguments(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
 # --- bad input ----------------------------------------------------------------------------------
 def bad_cases(schedule):
     x, m, u, z = make((4, 10), torch.float32, seed=16)
@@ -462,6 +477,8 @@ def bad_cases(schedule):
         (lambda: diffcore.p_step(x, m, 1, "linear"), TypeError, "schedule: expected a diffcore.Schedule"),
         (lambda: diffcore.p_step(x, m, 1, schedule, prediction="v"), ValueError, "prediction: expected one of"),
         (lambda: diffcore.p_step(x, m, 1, schedule, variance="learned"), ValueError, "variance: expected one of"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, uncond_out=u, guidance_scale=float("nan")), ValueError,
+         "guidance_scale: expected a finite number"),
         (lambda: diffcore.ddim_step(x, m, 7, 5, schedule, eta=-1.0), ValueError, "eta"),
         (lambda: diffcore.ddim_step(x, m, 7, 5, schedule, eta=float("nan")), ValueError, "eta: expected a finite"),
         (lambda: diffcore.ddim_step(x, m, 5, 40, schedule), ValueError, "t_prev"),

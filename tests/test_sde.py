@@ -533,6 +533,13 @@ def test_bad_input_gives_clear_errors():
             call()
 
 
+def test_langevin_with_an_all_zero_score_raises():
+    """The corrector's step size divides by the batch-mean score norm: the C++ kernel raises
+    rather than returning inf/NaN (score_sde's loop would)."""
+    with pytest.raises(RuntimeError, match="score: every row is zero"):
+        S.langevin_step(torch.randn(3, 5), torch.zeros(3, 5), SNR, make_sde("ve"), t=0.5, seed=1)
+
+
 @pytest.mark.parametrize("name", [p for p in impl_params("sde_step") if p.id != "reference"])
 def test_kernels_check_their_arguments(name):
     """The checks a direct torch.ops call (or a compiled graph) relies on live in the kernels."""

@@ -351,6 +351,8 @@ void run_sde_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor
   double g = 1.0;
   if (snr) {
     const NormSums sums = DIFFCORE_ISA_CALL(sde_norm_sums_kernel, op, x.scalar_type());
+    TORCH_CHECK(sums.s != 0.0, "score: every row is zero, so the corrector's step size ",
+                "2 alpha (snr mean|z| / mean|score|)^2 is undefined");
     const double n = static_cast<double>(rows);
     g = *snr * (sums.z / n) / (sums.s / n);
     op.reverse = true;

@@ -32,6 +32,7 @@ DDRM clamps timesteps ``t >= T`` to the last table entry: ``accelerate(diffusion
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
@@ -55,6 +56,16 @@ _TABLES = (
     "posterior_mean_coef1",
     "posterior_mean_coef2",
 )
+
+
+def _integer(name: str, value: object) -> int:
+    """An integer (Python or numpy; not a bool, not a float such as 10.5, which int() would cut)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {value!r}") from None
 
 
 def _prediction(mean_type: object) -> str:
@@ -82,7 +93,7 @@ class AcceleratedDiffusion:
         self.diffusion = diffusion
         self.clamp_t = bool(clamp_t)
         self.prediction = _prediction(diffusion.mean_type)
-        self.num_steps = int(diffusion.steps)
+        self.num_steps = _integer("diffusion.steps", diffusion.steps)
         self.noise_scale = float(diffusion.noise_scale)
         self.schedule: Schedule | None = None
         self._schedules: dict[torch.device, Schedule] = {}

@@ -5,8 +5,10 @@ kernels, so a compiled graph never breaks on them; int arguments are checked her
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
+import numpy as np
 import torch
 
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,9 +28,10 @@ def float_tensor(
 
 
 def real(name: str, value: object, ok: Callable[[float], bool] = math.isfinite, what: str = "a finite number") -> float:
-    """A Python int or float as a float: TypeError for anything else (bool included), ValueError
-    naming ``what`` unless ``ok(value)`` (by default: finite, so NaN and inf are refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A real number (Python or numpy int or float) as a float: TypeError for anything else (bool,
+    str, tensors), ValueError naming ``what`` unless ``ok(value)`` (by default: finite, so NaN and
+    inf are refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
     value = float(value)
     if not ok(value):

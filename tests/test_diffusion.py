@@ -453,6 +453,15 @@ def test_bad_schedule_arguments(build, error, match):
         build()
 
 
+def test_numpy_scalars_are_numbers(schedule):
+    x, m, u = make((3, 7), torch.float32, seed=18)[:3]
+    want = diffcore.p_step(x, m, 4, schedule, uncond_out=u, guidance_scale=1.5, seed=2)
+    got = diffcore.p_step(x, m, 4, schedule, uncond_out=u, guidance_scale=np.float32(1.5), seed=2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="guidance_scale: expected a finite number, got Tensor"):
+        diffcore.p_step(x, m, 4, schedule, uncond_out=u, guidance_scale=torch.tensor(1.5))
+
+
 # --- bad input ----------------------------------------------------------------------------------
 def bad_cases(schedule):
     x, m, u, z = make((4, 10), torch.float32, seed=16)

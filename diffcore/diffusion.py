@@ -387,7 +387,9 @@ def p_step(
         uncond_out, guidance_scale: classifier-free guidance ``(1 + w) model_out - w uncond_out``.
         noise: (B, N) like x_t, or ``seed``/``offset`` for the in-kernel Philox stream; neither:
             no noise (DiffRec with ``sampling_noise=False``).
-        out: (B, N) like x_t, sharing memory with no other input; ``out=x_t`` is :func:`p_step_`.
+        out: (B, N) like x_t, sharing memory with no other input, no element of it sharing memory
+            with another (not an expanded view); ``out=x_t`` is :func:`p_step_`, where the other
+            operands may share x_t's memory: the CPU kernel reads them as they were before the call.
     Returns:
         (B, N) in x_t's dtype. Differentiable in x_t, model_out, uncond_out and noise.
     """

@@ -122,6 +122,21 @@ def test_long_rows_refill_the_candidate_buffer(scores_kind, k, masked):
     _assert_exact(_topk("cpu", scores, k, exclude=exclude), ref.topk(scores, None, k, crow, col))
 
 
+@pytest.mark.parametrize("where", [3, 700, 4095, 5999])
+@pytest.mark.parametrize("order", ["random", "ascending"])
+def test_a_nan_anywhere_in_a_long_row_raises(where, order):
+    """A NaN before, inside and after the buffer's first fill, where the scan appends a vector's
+    candidates at once (and in a row where every item is a candidate), is found, not stored."""
+    g = torch.Generator().manual_seed(where)
+    scores = torch.randn(3, 6000, generator=g)
+    if order == "ascending":
+        scores[1] = torch.arange(6000, dtype=torch.float32)
+    scores[1, where] = float("nan")
+    for k in (1, 64):
+        with pytest.raises(ValueError, match="NaN"):
+            _topk("cpu", scores, k)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "default"])
 def test_every_instruction_set_build_agrees(isa):
     """The scan's vector compare and lane masks differ per build: each build (forced with

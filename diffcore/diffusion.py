@@ -21,7 +21,7 @@ import torch
 
 from diffcore import (
     _checks,
-    _library,  # defines the ops
+    _library,  # noqa: F401  (defines the ops)
     _registry,
 )
 
@@ -239,8 +239,10 @@ def _schedule(schedule: object, x: torch.Tensor) -> Schedule:
 def _run_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out):
     """Calls the fused op (or the implementation forced by ``diffcore.use``); ``out`` None:
     allocate, ``out is x``: in place."""
-    args = (f, f_uncond, float(guidance), t, table, noise, seed, offset, clamp_t)
     impl = _registry.forced_for("diffusion_step", x.device)
+    if out is x:
+        f, f_uncond, noise = _checks.in_place_operands(x, impl, (f, f_uncond, noise))
+    args = (f, f_uncond, float(guidance), t, table, noise, seed, offset, clamp_t)
     if impl is not None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         impl(x, *args, out)
@@ -295,8 +297,7 @@ class _InPlaceSteps:
         self.t_all = torch.arange(schedule.num_steps, device=x_t.device)
         self.guidance = float(guidance_scale)
         self.impl = _registry.forced_for("diffusion_step", x_t.device)
-        # The C++ kernel (not the reference the CPU op falls back to without the extension).
-        self.kernel_checks = self.impl is None and x_t.device.type == "cpu" and _library._C is not None
+        self.kernel_checks = _checks.cpu_kernel(x_t, self.impl)
 
     def _checked(self, model_out: torch.Tensor, uncond_out: torch.Tensor | None,
                  noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

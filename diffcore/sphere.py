@@ -77,6 +77,8 @@ def _run(op: str, inputs: tuple, out: torch.Tensor | None = None, out_shape: tup
     ``out`` None: allocate, ``out is inputs[0]``: the in-place op, else the ``_out`` op."""
     x = inputs[0]
     impl = _registry.forced_for(op, x.device)
+    if out is x:
+        inputs = (x, *_checks.in_place_operands(x, impl, inputs[1:]))
     if impl is not None:
         if out is None:
             out = x.new_empty(out_shape or x.shape)

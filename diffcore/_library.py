@@ -10,6 +10,9 @@ Ops (``torch.ops.diffcore.<name>``):
 
 ``random_normal_(Tensor(a!) out, int seed, int offset) -> ()``
     Fill ``out`` with the Philox normal stream (element i in row-major order; DESIGN.md "Noise").
+``random_normal(SymInt[] size, int seed, int offset, ScalarType dtype, Device device) -> Tensor``
+    A new tensor so filled: a C++ CompositeExplicitAutograd kernel (no tensor argument to dispatch
+    on) that takes a CPU output from the block pool and calls ``random_normal_``; only with ``_C``.
 
 ``diffusion_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t) -> Tensor``
     (plus ``diffusion_step_``, in place on ``x``, and ``diffusion_step_out``). The fused affine
@@ -43,6 +46,7 @@ _STEP_ARGS = (
     "int? seed, int offset, bool clamp_t"
 )
 _lib.define("random_normal_(Tensor(a!) out, int seed, int offset) -> ()")
+_lib.define("random_normal(SymInt[] size, int seed, int offset, ScalarType dtype, Device device) -> Tensor")
 _lib.define(f"diffusion_step(Tensor x, {_STEP_ARGS}) -> Tensor")
 _lib.define(f"diffusion_step_(Tensor(a!) x, {_STEP_ARGS}) -> ()")
 _lib.define(f"diffusion_step_out(Tensor x, {_STEP_ARGS}, *, Tensor(a!) out) -> ()")
@@ -54,6 +58,11 @@ STEP_OPS = ("diffusion_step", "diffusion_step_", "diffusion_step_out")
 @torch.library.register_fake("diffcore::random_normal_")
 def _(out, seed, offset):
     return None
+
+
+@torch.library.register_fake("diffcore::random_normal")
+def _(size, seed, offset, dtype, device):
+    return torch.empty(size, dtype=dtype, device=device)
 
 
 @torch.library.register_fake("diffcore::diffusion_step")

@@ -13,7 +13,7 @@ import torch
 
 from diffcore import (
     _checks,
-    _library,  # noqa: F401  (defines the ops)
+    _library,  # defines the ops
     _registry,
 )
 
@@ -46,4 +46,13 @@ def randn(
         shape = tuple(shape[0])
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
         raise ValueError(f"shape: expected non-negative ints, got {shape}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu" and _library._C is not None and _registry.forced_for("random_normal", device) is None:
+        # The allocating op: its output comes from diffcore's block pool (csrc/include/diffcore/memory.h).
+        if dtype not in _checks.FEATURE_DTYPES:
+            raise TypeError(f"dtype: expected {_checks.dtype_names(_checks.FEATURE_DTYPES)}, got {dtype}")
+        seed, offset = _checks.seed_offset(seed, offset)
+        if seed is None:
+            raise TypeError("seed: expected an int, got None")
+        return torch.ops.diffcore.random_normal(list(shape), seed, offset, dtype, device)
     return randn_(torch.empty(shape, dtype=dtype, device=device), seed=seed, offset=offset)

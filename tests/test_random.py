@@ -83,6 +83,33 @@ def test_standard_normal_statistics():
 
 def test_opcheck():
     torch.library.opcheck(torch.ops.diffcore.random_normal_.default, (torch.empty(4, 9), 3, 2))
+    torch.library.opcheck(torch.ops.diffcore.random_normal.default, ([4, 9], 3, 2, torch.float32, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(), (0, 3), (7,), (3, 1001), (2, 3, 5)])
+def test_randn_equals_randn_into_a_new_tensor(shape, dtype):
+    """randn allocates with the op random_normal (from the block pool on the CPU); the values are
+    randn_'s into a fresh tensor."""
+    want = diffcore.random.randn_(torch.empty(shape, dtype=dtype), seed=9, offset=5)
+    got = diffcore.random.randn(*shape, seed=9, offset=5, dtype=dtype)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_randn_compiles_fullgraph():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda: diffcore.random.randn(3, 1001, seed=9, offset=5) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(), diffcore.random.randn(3, 1001, seed=9, offset=5) * 2, rtol=0, atol=0)
+
+
+def test_a_freed_randn_output_serves_the_next_call():
+    first = diffcore.random.randn(512, 1024, seed=1)  # 2 MiB: pooled
+    address = first.data_ptr()
+    del first
+    second = diffcore.random.randn(512, 1024, seed=2)
+    assert second.data_ptr() == address
+    torch.testing.assert_close(second, diffcore.random.randn_(torch.empty(512, 1024), seed=2), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -100,6 +127,8 @@ def test_bad_arguments(kwargs, error, match):
 
 
 def test_bad_dtype():
+    with pytest.raises(TypeError, match="dtype: expected float32, float16 or bfloat16, got torch.float64"):
+        diffcore.random.randn(3, seed=1, dtype=torch.float64)
     with pytest.raises(TypeError, match="out: expected float32"):
         diffcore.random.randn_(torch.empty(3, dtype=torch.int32), seed=1)
     with pytest.raises(TypeError, match="out: expected float32"):

@@ -2,10 +2,13 @@
 // Compiled once per instruction set; the DEFAULT build also holds the op entry point.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <diffcore/checks.h>
 #include <diffcore/cpu_isa.h>
+#include <diffcore/memory.h>
 
 #include "philox_vec.h"
 
@@ -48,9 +51,28 @@ void random_normal_(at::Tensor& out, int64_t seed, int64_t offset) {
   if (!dst.is_same(out)) out.copy_(dst);
 }
 
+// randn's allocating form, for every device (it has no tensor argument to dispatch on): a CPU
+// output comes from the block pool (memory.h), so a loop that draws and frees a large noise tensor
+// reuses one block instead of faulting in fresh pages; then random_normal_ of that device fills it.
+at::Tensor random_normal(c10::SymIntArrayRef size, int64_t seed, int64_t offset, at::ScalarType dtype,
+                         at::Device device) {
+  const at::TensorOptions options = at::TensorOptions().dtype(dtype).device(device);
+  const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(size);
+  at::Tensor out = device.is_cpu() ? empty_output(sizes, options) : at::empty(sizes, options);
+  static const auto fill = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("diffcore::random_normal_", "")
+                               .typed<void(at::Tensor&, int64_t, int64_t)>();
+  fill.call(out, seed, offset);
+  return out;
+}
+
 }  // namespace diffcore::cpu
 
 TORCH_LIBRARY_IMPL(diffcore, CPU, m) {
   m.impl("random_normal_", &diffcore::cpu::random_normal_);
+}
+
+TORCH_LIBRARY_IMPL(diffcore, CompositeExplicitAutograd, m) {
+  m.impl("random_normal", &diffcore::cpu::random_normal);
 }
 #endif

@@ -120,12 +120,12 @@ def apart_from(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.clone() if overlaps(t, x) else t
 
 
-def cpu_kernel(x: torch.Tensor, forced: object) -> bool:
-    """Whether an op on ``x`` runs diffcore's C++ kernel: a CPU tensor, the extension built (else
+def cpu_kernel(device: torch.device, forced: object) -> bool:
+    """Whether an op on ``device`` runs diffcore's C++ kernel: the CPU, the extension built (else
     the CPU op falls back to the reference) and no implementation forced by ``diffcore.use``."""
     from diffcore import _library  # the extension's loader; imported late, it imports this module
 
-    return forced is None and x.device.type == "cpu" and _library._C is not None
+    return forced is None and device.type == "cpu" and _library._C is not None
 
 
 def in_place_operands(x: torch.Tensor, forced: object, operands: tuple) -> tuple:
@@ -133,7 +133,7 @@ def in_place_operands(x: torch.Tensor, forced: object, operands: tuple) -> tuple
     unless the C++ kernel runs (it reads such operands from copies itself, csrc checks.h
     ``apart_from``): the other backends (Triton) would read rows another block already wrote.
     Not under torch.compile, whose functionalised graph has no aliasing."""
-    if cpu_kernel(x, forced) or torch.compiler.is_compiling():
+    if cpu_kernel(x.device, forced) or torch.compiler.is_compiling():
         return operands
     return tuple(apart_from(v, x) if isinstance(v, torch.Tensor) and v is not x else v for v in operands)
 

@@ -297,7 +297,7 @@ class _InPlaceSteps:
         self.t_all = torch.arange(schedule.num_steps, device=x_t.device)
         self.guidance = float(guidance_scale)
         self.impl = _registry.forced_for("diffusion_step", x_t.device)
-        self.kernel_checks = _checks.cpu_kernel(x_t, self.impl)
+        self.kernel_checks = _checks.cpu_kernel(x_t.device, self.impl)
 
     def _checked(self, model_out: torch.Tensor, uncond_out: torch.Tensor | None,
                  noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -13,19 +13,25 @@ import torch
 
 from diffcore import (
     _checks,
-    _library,  # defines the ops
+    _library,  # noqa: F401  (defines the ops)
     _registry,
 )
 
 __all__ = ["randn", "randn_"]
 
 
-def randn_(out: torch.Tensor, *, seed: int, offset: int = 0) -> torch.Tensor:
-    """Fills ``out`` (any shape; float32, float16 or bfloat16) with the stream; returns ``out``."""
-    _checks.float_tensor("out", out)
+def _stream(seed: int, offset: int) -> tuple[int, int]:
+    """The stream's (seed, offset) as the ops take them; a seed is required."""
     seed, offset = _checks.seed_offset(seed, offset)
     if seed is None:
         raise TypeError("seed: expected an int, got None")
+    return seed, offset
+
+
+def randn_(out: torch.Tensor, *, seed: int, offset: int = 0) -> torch.Tensor:
+    """Fills ``out`` (any shape; float32, float16 or bfloat16) with the stream; returns ``out``."""
+    _checks.float_tensor("out", out)
+    seed, offset = _stream(seed, offset)
     impl = _registry.forced_for("random_normal", out.device)
     if impl is None:
         torch.ops.diffcore.random_normal_(out, seed, offset)
@@ -46,13 +52,12 @@ def randn(
         shape = tuple(shape[0])
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
         raise ValueError(f"shape: expected non-negative ints, got {shape}")
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type == "cpu" and _library._C is not None and _registry.forced_for("random_normal", device) is None:
+    # torch's default device (torch.set_default_device), read off an empty tensor: a compiled graph
+    # can trace that, not torch.get_default_device().
+    device = torch.empty(0).device if device is None else torch.device(device)
+    if _checks.cpu_kernel(device, _registry.forced_for("random_normal", device)):
         # The allocating op: its output comes from diffcore's block pool (csrc/include/diffcore/memory.h).
         if dtype not in _checks.FEATURE_DTYPES:
             raise TypeError(f"dtype: expected {_checks.dtype_names(_checks.FEATURE_DTYPES)}, got {dtype}")
-        seed, offset = _checks.seed_offset(seed, offset)
-        if seed is None:
-            raise TypeError("seed: expected an int, got None")
-        return torch.ops.diffcore.random_normal(list(shape), seed, offset, dtype, device)
+        return torch.ops.diffcore.random_normal(list(shape), *_stream(seed, offset), dtype, device)
     return randn_(torch.empty(shape, dtype=dtype, device=device), seed=seed, offset=offset)

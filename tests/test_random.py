@@ -103,6 +103,11 @@ def test_randn_compiles_fullgraph():
     torch.testing.assert_close(compiled(), diffcore.random.randn(3, 1001, seed=9, offset=5) * 2, rtol=0, atol=0)
 
 
+def test_randn_follows_the_default_device():
+    with torch.device("meta"):
+        assert diffcore.random.randn(2, 3, seed=1).device.type == "meta"
+
+
 def test_a_freed_randn_output_serves_the_next_call():
     first = diffcore.random.randn(512, 1024, seed=1)  # 2 MiB: pooled
     address = first.data_ptr()

@@ -390,7 +390,7 @@ def test_sphere_sampler(grad):
     torch.testing.assert_close(got.detach().norm(dim=1), torch.ones(B), **TOL)
 
 
-@pytest.mark.parametrize("sampler", ["dreamrec_batched", "dreamrec_two_calls", "diffurec"])
+@pytest.mark.parametrize("sampler", ["dreamrec_batched", "dreamrec_two_calls", "diffurec", "sphere"])
 def test_samplers_step_in_place_safely(sampler):
     """Under no_grad the loops step one buffer in place: a denoiser output that shares memory with
     that buffer (here: the input itself) is read before it is overwritten, so the result equals
@@ -404,6 +404,8 @@ def test_samplers_step_in_place_safely(sampler):
         with torch.set_grad_enabled(grad):
             if sampler == "diffurec":
                 return diffcore.nn.DiffuRecSampler(lambda x, t: denoiser(x, h, t), schedule)(torch.randn(B, d))
+            if sampler == "sphere":
+                return diffcore.nn.SphereSampler(lambda x, t: denoiser(x, h, t), schedule)(torch.randn(B, d))
             batched = sampler == "dreamrec_batched"
             return diffcore.nn.DreamRecSampler(denoiser, schedule, 2.0, batched=batched)(h, h_null)
 

@@ -211,7 +211,8 @@ class SphereSampler(_Sampler):
             noise = torch.randn_like(x) if self.noise and i > 0 else None
             kwargs = dict(prediction=self.prediction, variance=self.variance, noise=noise)
             if in_place:
-                sphere.p_step(x, _checks.apart_from(model_out, x), t_all[i : i + 1], schedule, out=x, **kwargs)
+                # an output sharing x's memory is read as it was (sphere.p_step's in-place rule)
+                sphere.p_step(x, model_out, t_all[i : i + 1], schedule, out=x, **kwargs)
             else:
                 x = sphere.p_step(x, model_out, t_all[i : i + 1], schedule, **kwargs)
         return x

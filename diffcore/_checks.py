@@ -27,6 +27,11 @@ def float_tensor(
     return x
 
 
+def finite_non_negative(v: float) -> bool:
+    """The ``ok`` of :func:`real` for a finite value >= 0."""
+    return v >= 0 and math.isfinite(v)
+
+
 def real(name: str, value: object, ok: Callable[[float], bool] = math.isfinite, what: str = "a finite number") -> float:
     """A real number (Python or numpy int or float) as a float: TypeError for anything else (bool,
     str, tensors), ValueError naming ``what`` unless ``ok(value)`` (by default: finite, so NaN and
@@ -80,6 +85,37 @@ def timesteps(
     return t.long()
 
 
+def ids_in_range(name: str, x: torch.Tensor, n: int) -> None:
+    """Every id in ``x`` lies in [0, n)."""
+    if x.numel() == 0:
+        return
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0:
+        raise ValueError(f"{name}: ids must be non-negative, got {lo}")
+    if hi >= n:
+        raise ValueError(f"{name}: ids must be < {n}, got {hi}")
+
+
+def csr_row_pointers(name: str, crow: torch.Tensor, n_rows: int, nnz: int) -> None:
+    """CSR row pointers: (n_rows + 1,), first entry 0, non-decreasing, last entry nnz."""
+    if crow.dim() != 1 or crow.numel() != n_rows + 1:
+        raise ValueError(f"{name}: expected shape ({n_rows + 1},) (rows + 1), got {tuple(crow.shape)}")
+    first, last = int(crow[0]), int(crow[-1])
+    if first != 0:
+        raise ValueError(f"{name}: expected a first entry of 0, got {first}")
+    drops = torch.nonzero(crow.diff() < 0)
+    if drops.numel():
+        r = int(drops[0, 0])
+        raise ValueError(
+            f"{name}: expected non-decreasing row pointers, got entry {r} = {int(crow[r])} > "
+            f"entry {r + 1} = {int(crow[r + 1])}"
+        )
+    if last != nnz:
+        raise ValueError(
+            f"{name}: expected a last entry equal to the number of stored values ({nnz}), got {last}"
+        )
+
+
 def seed_offset(seed: int | None, offset: int) -> tuple[int | None, int]:
     """A seed in [0, 2^64) as the int64 the schema carries (two's complement), and the offset.
 
@@ -114,12 +150,6 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def apart_from(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t``, or a copy of it when it shares memory with ``x``, the buffer a loop writes in place
-    (a denoiser may return a view of its input)."""
-    return t.clone() if overlaps(t, x) else t
-
-
 def cpu_kernel(device: torch.device, forced: object) -> bool:
     """Whether an op on ``device`` runs diffcore's C++ kernel: the CPU, the extension built (else
     the CPU op falls back to the reference) and no implementation forced by ``diffcore.use``."""
@@ -135,7 +165,7 @@ def in_place_operands(x: torch.Tensor, forced: object, operands: tuple) -> tuple
     Not under torch.compile, whose functionalised graph has no aliasing."""
     if cpu_kernel(x.device, forced) or torch.compiler.is_compiling():
         return operands
-    return tuple(apart_from(v, x) if isinstance(v, torch.Tensor) and v is not x else v for v in operands)
+    return tuple(v.clone() if isinstance(v, torch.Tensor) and v is not x and overlaps(v, x) else v for v in operands)
 
 
 def writable(name: str, t: torch.Tensor) -> torch.Tensor:

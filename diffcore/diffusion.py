@@ -50,7 +50,7 @@ class Schedule:
             raise ValueError(f"betas: expected a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
         if betas.dtype not in (torch.float64, torch.float32):
             raise TypeError(f"betas: expected float64 or float32, got {betas.dtype}")
-        self.noise_scale = _checks.real("noise_scale", noise_scale, lambda v: v >= 0 and math.isfinite(v),
+        self.noise_scale = _checks.real("noise_scale", noise_scale, _checks.finite_non_negative,
                                         "a finite noise_scale >= 0")
         if self.noise_scale != 0.0:
             if not bool(torch.isfinite(betas).all()):
@@ -100,7 +100,7 @@ class Schedule:
         """DiffRec's ``betas_for_alpha_bar`` with ``cos((t + s) / (1 + s) pi / 2)^2``, betas capped at
         ``max_beta``; ``clip=(1e-4, 0.9999)`` clamps instead, as DreamRec does."""
         T = _steps(T)
-        s = _checks.real("s", s, lambda v: v >= 0 and math.isfinite(v), "a finite offset s >= 0")
+        s = _checks.real("s", s, _checks.finite_non_negative, "a finite offset s >= 0")
         beta_range = "a beta in (0, 1]"
         if clip is None:
             max_beta = _checks.real("max_beta", max_beta, lambda v: 0 < v <= 1, beta_range)
@@ -284,7 +284,8 @@ class _InPlaceSteps:
     called with no Python checks: it checks the denoiser's outputs and the noise itself (a failed
     check re-runs the Python checks, so the error names the operand with the usual exception type)
     and reads any operand that aliases ``x_t`` from a copy (``apart_from`` in
-    ``csrc/include/diffcore/checks.h``). Elsewhere the operands are checked and copied here first.
+    ``csrc/include/diffcore/checks.h``). Elsewhere the operands are checked here and copied as every
+    in-place entry copies them (``_checks.in_place_operands``).
     In DreamRec's 500-step loop at 256 x 64 (0.4 ms a step, most of it the denoiser), those Python
     checks cost about 5% end to end: right after the denoiser each torch attribute they read is slow.
     """
@@ -299,15 +300,12 @@ class _InPlaceSteps:
         self.impl = _registry.forced_for("diffusion_step", x_t.device)
         self.kernel_checks = _checks.cpu_kernel(x_t.device, self.impl)
 
-    def _checked(self, model_out: torch.Tensor, uncond_out: torch.Tensor | None,
-                 noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The operands checked against ``x_t``, the outputs copied when they share its memory."""
-        model_out = _checks.apart_from(_checks.like("model_out", model_out, self.x, "x_t"), self.x)
-        if uncond_out is not None:
-            uncond_out = _checks.apart_from(_checks.like("uncond_out", uncond_out, self.x, "x_t"), self.x)
-        if noise is not None:
-            _checks.like("noise", noise, self.x, "x_t")
-        return model_out, uncond_out
+    def _check(self, model_out: torch.Tensor, uncond_out: torch.Tensor | None, noise: torch.Tensor | None) -> None:
+        """The per-step operands: tensors of x_t's shape, dtype and device."""
+        _checks.like("model_out", model_out, self.x, "x_t")
+        for name, v in (("uncond_out", uncond_out), ("noise", noise)):
+            if v is not None:
+                _checks.like(name, v, self.x, "x_t")
 
     def __call__(self, i: int, model_out: torch.Tensor, uncond_out: torch.Tensor | None = None, *,
                  noise: torch.Tensor | None = None, seed: int | None = None, offset: int = 0) -> None:
@@ -320,10 +318,11 @@ class _InPlaceSteps:
                 torch.ops.diffcore.diffusion_step_(self.x, model_out, uncond_out, self.guidance, t, self.table, noise,
                                                    seed, offset, False)
             except RuntimeError:
-                self._checked(model_out, uncond_out, noise)  # raises the typed error when an operand is wrong
+                self._check(model_out, uncond_out, noise)  # raises the typed error when an operand is wrong
                 raise
             return
-        model_out, uncond_out = self._checked(model_out, uncond_out, noise)
+        self._check(model_out, uncond_out, noise)
+        model_out, uncond_out, noise = _checks.in_place_operands(self.x, self.impl, (model_out, uncond_out, noise))
         args = (model_out, uncond_out, self.guidance, t, self.table, noise, seed, offset, False)
         if self.impl is not None:
             self.impl(self.x, *args, self.x)
@@ -453,7 +452,7 @@ def ddim_step(
     if t_int is None or not isinstance(t_prev, int):  # tensor values
         torch._assert_async(((t >= 0) & (t < T)).all(), f"t: every timestep must lie in [0, {T})")
         torch._assert_async(((t_prev >= -1) & (t_prev < t)).all(), "t_prev: every t_prev must lie in [-1, t)")
-    eta = _checks.real("eta", eta, lambda v: v >= 0 and math.isfinite(v), "a finite eta >= 0")
+    eta = _checks.real("eta", eta, _checks.finite_non_negative, "a finite eta >= 0")
     table = schedule.ddim_table(t, t_prev, eta, prediction)
     return _run_step(x_t, model_out, uncond_out, guidance_scale, None, table, noise, seed, offset, False, out)
 

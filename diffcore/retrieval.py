@@ -53,11 +53,8 @@ def _history(
     col = col.to(device=device, dtype=torch.long).contiguous()
     if torch.compiler.is_compiling():  # the kernel checks the values; reading them here breaks the graph
         return crow, col
-    if int(crow[0]) != 0 or bool((crow.diff() < 0).any()) or col.numel() != int(crow[-1]):
-        raise ValueError(f"exclude: crow_indices must start at 0, never decrease and end at len(col_indices) = "
-                         f"{col.numel()}")
-    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= n_items):
-        raise ValueError(f"exclude: item ids must lie in [0, {n_items})")
+    _checks.csr_row_pointers("exclude: crow_indices", crow, rows, col.numel())
+    _checks.ids_in_range("exclude: col_indices (item ids)", col, n_items)
     return crow, col
 
 

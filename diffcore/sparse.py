@@ -136,8 +136,8 @@ class Adjacency:
             raise ValueError(
                 f"users, items: expected the same length, got {users.numel()} users and {items.numel()} items"
             )
-        _in_range("users", users, n_users)
-        _in_range("items", items, n_items)
+        _checks.ids_in_range("users", users, n_users)
+        _checks.ids_in_range("items", items, n_items)
         weights = _edge_values("weights", weights, users.numel(), users.device)
         n = n_users + n_items
         rows = torch.cat([users, items + n_users])
@@ -205,8 +205,8 @@ class Adjacency:
     @classmethod
     def _from_values(cls, rows, cols, values, n, norm, degree_zero, duplicates, self_loops, index_dtype) -> Adjacency:
         rows, cols = rows.long(), cols.long()
-        _in_range("row indices", rows, n)
-        _in_range("column indices", cols, n)
+        _checks.ids_in_range("row indices", rows, n)
+        _checks.ids_in_range("column indices", cols, n)
         values = _edge_values("values", values, rows.numel(), rows.device)
         return cls._build(
             rows, cols, values, n, norm=norm, degree_zero=degree_zero, duplicates=duplicates,
@@ -447,16 +447,6 @@ def _index_tensor(name: str, x: object) -> torch.Tensor:
     return x.long()
 
 
-def _in_range(name: str, x: torch.Tensor, n: int) -> None:
-    if x.numel() == 0:
-        return
-    lo, hi = int(x.min()), int(x.max())
-    if lo < 0:
-        raise ValueError(f"{name}: ids must be non-negative, got {lo}")
-    if hi >= n:
-        raise ValueError(f"{name}: ids must be < {n}, got {hi}")
-
-
 def _torch_sparse_entries(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols, values) of a 2-D torch sparse COO (repeats kept) or CSR tensor ``name``, int64
     indices, every index checked before anything reads it: torch checks nothing for a tensor built
@@ -475,37 +465,17 @@ def _torch_sparse_entries(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor
     if tensor.layout == torch.sparse_coo:
         index = tensor._indices()
         rows, cols = index[0].long(), index[1].long()
-        _in_range(f"{name}: row indices", rows, n_rows)
-        _in_range(f"{name}: column indices", cols, n_cols)
+        _checks.ids_in_range(f"{name}: row indices", rows, n_rows)
+        _checks.ids_in_range(f"{name}: column indices", cols, n_cols)
         return rows, cols, values
     crow, cols = tensor.crow_indices().long(), tensor.col_indices().long()
     if values.numel() != cols.numel():
         raise ValueError(
             f"{name}: values: expected shape ({cols.numel()},) (one per column index), got {tuple(values.shape)}"
         )
-    _check_crow(f"{name}: crow_indices", crow, n_rows, cols.numel())
-    _in_range(f"{name}: col_indices", cols, n_cols)
+    _checks.csr_row_pointers(f"{name}: crow_indices", crow, n_rows, cols.numel())
+    _checks.ids_in_range(f"{name}: col_indices", cols, n_cols)
     return csr_rows(crow), cols, values
-
-
-def _check_crow(name: str, crow: torch.Tensor, n_rows: int, nnz: int) -> None:
-    """CSR row pointers: (n_rows + 1,), first entry 0, non-decreasing, last entry nnz."""
-    if crow.dim() != 1 or crow.numel() != n_rows + 1:
-        raise ValueError(f"{name}: expected shape ({n_rows + 1},) (rows + 1), got {tuple(crow.shape)}")
-    first, last = int(crow[0]), int(crow[-1])
-    if first != 0:
-        raise ValueError(f"{name}: expected a first entry of 0, got {first}")
-    drops = torch.nonzero(crow.diff() < 0)
-    if drops.numel():
-        r = int(drops[0, 0])
-        raise ValueError(
-            f"{name}: expected non-decreasing row pointers, got entry {r} = {int(crow[r])} > "
-            f"entry {r + 1} = {int(crow[r + 1])}"
-        )
-    if last != nnz:
-        raise ValueError(
-            f"{name}: expected a last entry equal to the number of stored values ({nnz}), got {last}"
-        )
 
 
 def _edge_values(name: str, values: object, nnz: int, device: torch.device) -> torch.Tensor | None:

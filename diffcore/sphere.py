@@ -43,8 +43,6 @@ is the reference's vector-Jacobian products in torch ops; seeded noise is redraw
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from diffcore import (
@@ -104,7 +102,7 @@ def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         (B, d) in x's dtype.
     """
     _rows("x", x)
-    eps = _checks.real("eps", eps, lambda v: v >= 0 and math.isfinite(v), "a finite eps >= 0")
+    eps = _checks.real("eps", eps, _checks.finite_non_negative, "a finite eps >= 0")
     return _run("sphere_normalize", (x, eps))
 
 

@@ -34,8 +34,7 @@ inline void check_guided_step(const at::Tensor& x, const std::optional<at::Tenso
   if (noise) check_like(*noise, x, "noise", x_name);
   TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
-  check_like(out, x, "out", x_name);
-  check_no_internal_overlap(out, out.is_same(x) ? x_name : "out");
+  check_written(out, x, "out", x_name);
   check_same_device(table, x, "table", x_name);
 }
 

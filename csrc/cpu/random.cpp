@@ -3,7 +3,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <diffcore/checks.h>
@@ -58,7 +57,7 @@ at::Tensor random_normal(c10::SymIntArrayRef size, int64_t seed, int64_t offset,
                          at::Device device) {
   const at::TensorOptions options = at::TensorOptions().dtype(dtype).device(device);
   const at::IntArrayRef sizes = C10_AS_INTARRAYREF_SLOW(size);
-  at::Tensor out = device.is_cpu() ? empty_output(sizes, options) : at::empty(sizes, options);
+  at::Tensor out = empty_output(sizes, options);  // pooled on the CPU, at::empty elsewhere
   static const auto fill = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("diffcore::random_normal_", "")
                                .typed<void(at::Tensor&, int64_t, int64_t)>();

@@ -291,11 +291,9 @@ void run_sde_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor
   TORCH_CHECK(!(noise && seed), "noise and seed: give one, not both");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
   TORCH_CHECK(!snr || (*snr > 0.0 && std::isfinite(*snr)), "snr: expected snr > 0, got ", snr.value_or(0.0));
-  check_like(out, x, "out", "x");
-  check_no_internal_overlap(out, out.is_same(x) ? "x" : "out");
+  check_written(out, x, "out", "x");
   if (mean_out) {
-    check_like(*mean_out, x, "mean_out", "x");
-    check_no_internal_overlap(*mean_out, "mean_out");
+    check_written(*mean_out, x, "mean_out", "x");
     const at::MemOverlapStatus s = at::get_overlap_status(*mean_out, out);
     TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial,
                 "mean_out: must not share memory with ", out.is_same(x) ? "x (written in place)" : "out");

@@ -633,8 +633,7 @@ void run_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& t
               "sphere_q_sample: give exactly one of noise and seed");
   if (noise) check_like(*noise, x0, "noise", "x0");
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
-  check_like(out, x0, "out", "x0");
-  check_no_internal_overlap(out, out.is_same(x0) ? "x0" : "out");
+  check_written(out, x0, "out", "x0");
   check_same_device(table, x0, "table", "x0");
   const std::vector<float> coef = gather_rows(table, t, x0.size(0), 1, false, "sphere_q_sample");
   const at::Tensor xs = unit_cols(apart_from(x0, out));

@@ -66,6 +66,13 @@ inline void check_no_internal_overlap(const at::Tensor& t, const char* name) {
               "write into a tensor that owns its elements, e.g. a .clone()");
 }
 
+// A tensor an op writes: like x, and no two of its elements share memory. t is x itself when the
+// op runs in place, and is then named x_name.
+inline void check_written(const at::Tensor& t, const at::Tensor& x, const char* name, const char* x_name) {
+  check_like(t, x, name, x_name);
+  check_no_internal_overlap(t, t.is_same(x) ? x_name : name);
+}
+
 // t, or a contiguous copy of it when it shares memory with `out` other than element for element.
 // The row kernels read each row of their operands before they write that row of out, so an
 // operand laid out exactly as out (x itself in place, a denoiser that returns its input) is safe;

@@ -17,7 +17,7 @@ from bench.timing import paired_ratio
 FORMAT = 1  # version of the JSON layout
 
 LEGEND = (
-    "p50/p20–p80: milliseconds per call over the timed samples. "
+    "p50/p20–p80: milliseconds per call over the timed samples (each after an untimed run-in of the same provider). "
     "vs eager: speed-up over the reference as people run it (eager PyTorch, allocating; DiffRec's style). "
     "vs compile: over `torch.compile` of that same code (allocating, as people run it). "
     "vs compile in-place: over its best form (compiled, writing a preallocated tensor with `copy_`), "

@@ -5,6 +5,13 @@ the machine (other processes, frequency, memory) lands on all of them alike and 
 A sample repeats the call until it lasts ``min_sample_s`` (small ops would otherwise measure the
 clock); its value is the time per call. Minor page faults per call are counted too: a provider that
 claims to write in place but faults on every call is allocating.
+
+Every sample is preceded by an untimed run of the same provider lasting ``min_sample_s`` (at least
+one call), so a sample measures the provider at its own steady state, not the transition from the
+provider before it in the round. The transition is large on this project's CPUs: a seeded sphere
+step (65,536 x 64, compute-bound Philox) takes 4.6-5.3 ms on its first call after any other work (a
+2-thread fill of 160 MB, a serial randn, a 30 ms idle spin) and needs about 5 calls (~20 ms) to
+return to its 3.2-3.4 ms; without the run-in, 20 ms samples of 4 calls timed the ramp.
 """
 
 from __future__ import annotations
@@ -84,7 +91,8 @@ def interleaved(
     on_round: Callable[[int], None] = lambda r: None,
 ) -> dict[str, Timing]:
     """Times every runner ``repeat`` times, round-robin, after ``warmup`` untimed calls (at least
-    one, which also calibrates the calls per sample). A runner that raises is dropped from the
+    one, which also calibrates the calls per sample); each sample follows an untimed run-in of
+    the same runner (``min_sample_s``, at least one call). A runner that raises is dropped from the
     rounds and keeps its error in ``Timing.error``."""
     sync = synchronizer(device)
     timings = {name: Timing() for name in runners}
@@ -103,6 +111,14 @@ def interleaved(
             timings[name].error = f"{type(exc).__name__}: {exc}"
             del live[name]
             return None
+
+    def run_in(name: str, seconds: float) -> bool:
+        """Untimed calls of ``name`` for ``seconds`` (at least one); False if it raised."""
+        t0 = time.perf_counter()
+        while call(name, 1) is not None:
+            if time.perf_counter() - t0 >= seconds:
+                return True
+        return False
 
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -124,6 +140,8 @@ def interleaved(
                 if name not in live:
                     continue
                 n = timings[name].calls_per_sample
+                if not run_in(name, min_sample_s):
+                    continue
                 measured = call(name, n)
                 if measured is not None:
                     timings[name].samples.append(measured[0] / n)

@@ -12,6 +12,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <diffcore/philox.h>
 
+#include "vec_reduce.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>

@@ -66,7 +66,7 @@ namespace {
 
 constexpr int64_t kBlock = 2048;  // elements of one row per task / per Philox buffer
 
-// Sum of squares of n elements, in float lanes, then the lanes and the tail in double, in order.
+// Sum of squares of n elements, in float lanes, then the lanes (lane_sum) and the tail in double.
 template <typename T>
 double sum_squares(const T* p, int64_t n) {
   FVec acc0(0.0f), acc1(0.0f);
@@ -77,10 +77,7 @@ double sum_squares(const T* p, int64_t n) {
     acc0 = at::vec::fmadd(v0, v0, acc0);
     acc1 = at::vec::fmadd(v1, v1, acc1);
   }
-  alignas(64) float lanes[kLanes];
-  (acc0 + acc1).store(lanes);
-  double total = 0.0;
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  double total = lane_sum(acc0 + acc1);
   for (; j < n; ++j) {
     const double v = static_cast<float>(p[j]);
     total += v * v;
@@ -125,9 +122,7 @@ double philox_sum_squares(uint64_t seed, uint64_t offset, uint64_t first, int64_
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   FVec acc(0.0f);
   for (; g + kLanes <= g_end; g += kLanes) acc = acc + philox_groups_sum_squares(seed, offset, g);
-  alignas(64) float lanes[kLanes];
-  acc.store(lanes);
-  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  total += lane_sum(acc);
 #endif
   for (; g < g_end; ++g) total += philox_group_sum_squares(seed, offset, g);
   for (i = std::max(i, 4 * g_end); i < end; ++i) {

@@ -95,14 +95,6 @@ using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename T>
 constexpr bool kVectorised = !std::is_same_v<T, double>;
 
-inline float hsum(const FVec& v) {
-  alignas(64) float lanes[kLanes];
-  v.store(lanes);
-  float s = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
-  return s;
-}
-
 template <typename A>
 inline A sinc(A theta) {  // sin(th) / th
   const A t2 = theta * theta;
@@ -164,9 +156,9 @@ void dots_row(const T* x, const V* v, int64_t n, Acc<T>& xx, Acc<T>& xv, Acc<T>&
         svv = at::vec::fmadd(v0, v0, at::vec::fmadd(v1, v1, svv));
       }
     }
-    xx = hsum(sxx);
-    xv = hsum(sxv);
-    vv = hsum(svv);
+    xx = lane_sum(sxx);
+    xv = lane_sum(sxv);
+    vv = lane_sum(svv);
   }
   for (; j < n; ++j) {
     const A xj = static_cast<A>(x[j]);
@@ -258,8 +250,8 @@ void chords_row(const T* x, const T* y, int64_t n, Acc<T> rho, Acc<T>& p, Acc<T>
       sp = at::vec::fmadd(d0, d0, at::vec::fmadd(d1, d1, sp));
       sq = at::vec::fmadd(e0, e0, at::vec::fmadd(e1, e1, sq));
     }
-    p = hsum(sp);
-    q = hsum(sq);
+    p = lane_sum(sp);
+    q = lane_sum(sq);
   }
   for (; j < n; ++j) {
     const A xj = static_cast<A>(x[j]), yj = rho * static_cast<A>(y[j]);
@@ -467,7 +459,7 @@ void p_step_row(const SphereOperands& op, int64_t r, Acc<T>* y, const float* dra
       y1.store(y + j + kLanes);
       s = at::vec::fmadd(y0, y0, at::vec::fmadd(y1, y1, s));
     }
-    yy = hsum(s);
+    yy = lane_sum(s);
   }
   for (; j < n; ++j) {
     A fj = static_cast<A>(f[j]);

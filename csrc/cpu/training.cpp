@@ -54,6 +54,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_reduce.h"
+
 namespace diffcore::cpu {
 
 constexpr int64_t kLossBlock = 4096;  // columns per partial sum of the diffusion loss
@@ -139,15 +141,6 @@ inline void store2(T* p, const AVec<T>& lo, const AVec<T>& hi) {
   }
 }
 
-template <typename A>
-inline A hsum(const at::vec::Vectorized<A>& v) {
-  alignas(64) A lanes[at::vec::Vectorized<A>::size()];
-  v.store(lanes);
-  A s = 0;
-  for (int64_t k = 0; k < at::vec::Vectorized<A>::size(); ++k) s += lanes[k];
-  return s;
-}
-
 // --- diffusion loss --------------------------------------------------------------------------
 // The error e[j] of one element: target - m, or x0 - x0_hat for the likelihood rows.
 template <int kMode, typename V>
@@ -186,7 +179,7 @@ double loss_segment(const T* m, const T* x, const T* z, int64_t n, const float* 
       acc1 = at::vec::fmadd(e1, e1, acc1);
     }
   }
-  A sum = kGrad ? A(0) : hsum(acc0 + acc1);
+  A sum = kGrad ? A(0) : lane_sum(acc0 + acc1);
   const A s1 = static_cast<A>(c[0]), s2 = static_cast<A>(c[1]), s3 = static_cast<A>(c[2]), s4 = static_cast<A>(c[3]);
   for (; j < n; ++j) {
     const A mv = static_cast<A>(m[j]);
@@ -271,7 +264,7 @@ C10_ALWAYS_INLINE acc_t<T> dot_diff(const T* a, const T* b, const T* c, int64_t 
     acc0 = at::vec::fmadd(a0, b0, acc0);
     acc1 = at::vec::fmadd(a1, b1, acc1);
   }
-  A s = hsum(acc0 + acc1);
+  A s = lane_sum(acc0 + acc1);
   for (; k < d; ++k) {
     const A bv = static_cast<A>(b[k]) - (c != nullptr ? static_cast<A>(c[k]) : A(0));
     s += static_cast<A>(a[k]) * bv;
@@ -559,7 +552,7 @@ A logsumexp_row(A* l, int64_t n) {
   V acc(A(0));
   j = 0;
   for (; j + V::size() <= n; j += V::size()) acc = acc + (V::loadu(l + j) - vmx).exp();
-  A s = hsum(acc);
+  A s = lane_sum(acc);
   for (; j < n; ++j) s += std::exp(l[j] - mx);
   const A lse = mx + std::log(s);
   if constexpr (kProbs) {

@@ -39,6 +39,10 @@ class Schedule:
     ``sqrt_recipm1_alphas_cumprod``, ``posterior_variance``, ``posterior_log_variance_clipped``
     (``log(cat(pv[1], pv[1:]))``), ``posterior_mean_coef1``, ``posterior_mean_coef2``.
 
+    Betas lie in (0, 1]. A beta of exactly 1 (a zero terminal SNR) zeroes alphas_cumprod from its
+    step on: x0-prediction ancestral steps stay defined; eps-prediction steps, DDIM and DiffRec's
+    eps weights divide by ``sqrt(ab)`` or by ratios of ab there and raise ValueError.
+
     ``noise_scale == 0`` (DiffRec) describes a model without diffusion: :func:`sample` then only
     applies the denoiser T times, and the step functions refuse it.
     """
@@ -63,6 +67,9 @@ class Schedule:
         one = betas.new_ones(1)
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, 0)
+        # The first t with alphas_cumprod[t] == 0 (a beta of exactly 1, a zero terminal SNR), or None.
+        zero = torch.nonzero(self.alphas_cumprod == 0)
+        self.first_zero_alpha_bar = int(zero[0]) if zero.numel() else None
         self.alphas_cumprod_prev = torch.cat([one, self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
@@ -168,6 +175,8 @@ class Schedule:
         """``p_step``: posterior mean ``c1 x0_hat + c2 x_t`` plus ``[t > 0] sigma_t z``."""
         _choice("prediction", prediction, PREDICTIONS)
         _choice("variance", variance, VARIANCES)
+        if prediction == "eps":
+            self.require_positive_alpha_bar("prediction='eps'")
 
         def build():
             c1, c2 = self.posterior_mean_coef1, self.posterior_mean_coef2
@@ -192,6 +201,7 @@ class Schedule:
     ) -> torch.Tensor:
         """DDIM from ``t`` to ``t_prev`` (``< 0``: to the data): one row, or one per row for tensors."""
         _choice("prediction", prediction, PREDICTIONS)
+        self.require_positive_alpha_bar("ddim_step")
         T = self.num_steps
         t = torch.as_tensor(t, device=self.device).reshape(-1)
         t_prev = torch.as_tensor(t_prev, device=self.device).reshape(-1)
@@ -210,6 +220,16 @@ class Schedule:
         if key not in self._tables:
             self._tables[key] = torch.stack(build(), 1).contiguous()
         return self._tables[key]
+
+    def require_positive_alpha_bar(self, what: str) -> None:
+        """Raises for ``what`` (eps-parametrised steps, DDIM, DiffRec's eps weights) on a schedule
+        whose alphas_cumprod reaches 0: they divide by ``sqrt(ab[t])`` or by ratios of ab, undefined
+        there. x0-prediction ancestral steps stay defined and are allowed."""
+        k = self.first_zero_alpha_bar
+        if k is not None:
+            raise ValueError(f"{what}: the schedule's alphas_cumprod is 0 from t = {k} on (a beta of exactly 1), "
+                             "where it divides by sqrt(alphas_cumprod) or by ratios of it; use prediction='x0' "
+                             "ancestral steps (p_step) or betas < 1")
 
     def _require_diffusion(self) -> None:
         if self.noise_scale == 0.0:

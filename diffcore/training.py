@@ -150,6 +150,8 @@ def diffusion_loss(
     if reweight and schedule.noise_scale == 0.0:
         raise ValueError("reweight: a schedule with noise_scale == 0 has no SNR weights (DiffRec has no tables "
                          "then); pass reweight=False")
+    if eps and reweight:
+        schedule.require_positive_alpha_bar("prediction='eps' with reweight")
     B = model_out.shape[0]
     t = _checks.timesteps("t", t, B, schedule.num_steps, model_out.device)
     if pt is not None:

@@ -441,6 +441,32 @@ def test_bad_schedules(betas, match):
         diffcore.Schedule.from_betas(betas)
 
 
+def test_zero_terminal_snr_schedule():
+    """A beta of exactly 1 zeroes alphas_cumprod from its step on: x0-prediction ancestral steps
+    stay defined (and match the reference); every step that divides by sqrt(ab) or by ratios of ab
+    raises instead of returning inf or nan."""
+    schedule = diffcore.Schedule.from_betas([0.1, 0.2, 1.0, 0.3])
+    assert schedule.first_zero_alpha_bar == 2
+    assert diffcore.Schedule.from_betas([0.1, 0.2]).first_zero_alpha_bar is None
+    g = torch.Generator().manual_seed(0)
+    x, m, z = (torch.randn(3, 8, generator=g) for _ in range(3))
+    for t in range(4):
+        got = diffcore.p_step(x, m, t, schedule, noise=z)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, ref.p_step(x, m, torch.full((3,), t), schedule, noise=z))
+    match = r"alphas_cumprod is 0 from t = 2 on \(a beta of exactly 1\)"
+    with pytest.raises(ValueError, match="prediction='eps': the schedule's " + match):
+        diffcore.p_step(x, m, 1, schedule, prediction="eps")
+    with pytest.raises(ValueError, match="ddim_step: the schedule's " + match):
+        diffcore.ddim_step(x, m, 3, 1, schedule)
+    with pytest.raises(ValueError, match="prediction='eps'"):
+        diffcore.sphere.p_step(x, m, 1, schedule, prediction="eps")
+    with pytest.raises(ValueError, match="prediction='eps' with reweight"):
+        diffcore.training.diffusion_loss(m, x, z, 1, schedule, prediction="eps")
+    plain = diffcore.training.diffusion_loss(m, x, z, 1, schedule, prediction="eps", reweight=False)
+    torch.testing.assert_close(plain, ((z - m).double() ** 2).mean(1))
+
+
 @pytest.mark.parametrize(("build", "error", "match"), [
     (lambda: diffcore.Schedule.from_betas([0.1], noise_scale=float("nan")), ValueError, "noise_scale: expected a"),
     (lambda: diffcore.Schedule.from_betas([0.1], noise_scale=-1), ValueError, "noise_scale: expected a finite"),

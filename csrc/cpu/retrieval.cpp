@@ -165,6 +165,12 @@ struct Candidates {
   }
 };
 
+// Scores read ahead of the scan (4 KiB of float32): a (B, n_items) scores tensor streams from
+// memory, and the scan's bursts of candidates at the start of a row leave the hardware prefetcher
+// behind (DiffRec's 400 x 94,949, k = 100, history masked: 15.2-15.6 -> 13.7-14.2 ms, alternating
+// processes; from queries, where the blocks sit in L2, unchanged within noise).
+constexpr int64_t kPrefetch = 1024;
+
 // Items [i0, i1) with scores s[0 : i1 - i0]. Returns false on NaN.
 template <typename A>
 bool scan_run(const A* s, int64_t i0, int64_t i1, Candidates<A>& c) {
@@ -175,6 +181,7 @@ bool scan_run(const A* s, int64_t i0, int64_t i1, Candidates<A>& c) {
   for (; i < i1 && c.n < c.k; ++i) ok &= c.offer(s[i - i0], i);
   for (; i + 2 * W <= i1; i += 2 * W) {
     const Vec thr(c.thr);
+    __builtin_prefetch(s + (i - i0) + kPrefetch);
     const Vec a = Vec::loadu(s + (i - i0)), b = Vec::loadu(s + (i - i0) + W);
     // A bit is set where !(score <= thr): a candidate (above the threshold) or a NaN (unordered);
     // only those lanes are offered.

@@ -26,6 +26,7 @@
 // Compiled once per instruction set; the DEFAULT build also holds the op entry point.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -77,6 +78,32 @@ namespace {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// The least and the greatest of s[0:n], n >= 1 (no NaN): vector lanes, then the lanes and the
+// tail. Candidates::select takes two per cut; as chains of scalar min / max they held it at
+// latency (top-100 of 400 x 4,096 scores on one thread: 6.0-6.2 -> 4.5-4.6 ms; from queries on
+// Gowalla, 2,048 x 40,981: 72-74 -> 65-66 ms; alternating processes).
+template <typename A>
+void min_max(const A* s, int64_t n, A& lo, A& hi) {
+  using Vec = at::vec::Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  lo = hi = s[0];
+  int64_t i = 0;
+  if (n >= W) {
+    Vec vlo = Vec::loadu(s), vhi = vlo;
+    for (i = W; i + W <= n; i += W) {
+      const Vec v = Vec::loadu(s + i);
+      vlo = at::vec::minimum(vlo, v);
+      vhi = at::vec::maximum(vhi, v);
+    }
+    lo = at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }, vlo);
+    hi = at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vhi);
+  }
+  for (; i < n; ++i) {
+    lo = std::min(lo, s[i]);
+    hi = std::max(hi, s[i]);
+  }
+}
+
 // A row's candidates s[0:n], id[0:n], in ascending id order, at most cap = 2k + kSlack. Once n has
 // reached k, at least k candidates score thr or more. Items come in ascending id order, so a later
 // item that ties thr has a larger id than each of those and loses: it can reach the final k only
@@ -124,11 +151,8 @@ struct Candidates {
       return;
     }
     constexpr int kBins = 64;
-    A lo = s[0], hi = s[0];
-    for (int64_t i = 1; i < n; ++i) {
-      lo = std::min(lo, s[i]);
-      hi = std::max(hi, s[i]);
-    }
+    A lo, hi;
+    min_max(s, n, lo, hi);
     const A scale = kBins / (hi - lo);
     if (!(hi > lo) || !std::isfinite(scale) || !std::isfinite(lo) || !std::isfinite(hi)) return select_exact();
     const auto bin = [&](A v) { return std::min(static_cast<int>((v - lo) * scale), kBins - 1); };
@@ -139,16 +163,15 @@ struct Candidates {
     while (kept < k) kept += hist[--cut];
     if (kept > (k + cap) / 2) return select_exact();
     int64_t j = 0;
-    A least = hi;
     for (int64_t i = 0; i < n; ++i) {
       const bool keep = bin(s[i]) >= cut;
-      least = keep ? std::min(least, s[i]) : least;
       s[j] = s[i];
       id[j] = id[i];
       j += keep;
     }
     n = j;
-    thr = least;
+    A unused;
+    min_max(s, n, thr, unused);
   }
 
   void append(A v, int64_t i) {

@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--suite", default="quick", metavar="{quick,full}",
-                   help="quick (default; about 5 min on 2 cores) or full (every workload, more samples)")
+                   help="quick (default; about 6 min on 2 cores) or full (every workload, more samples)")
     p.add_argument("--only", metavar="FAMILY[,FAMILY]", help=f"families to run (of {', '.join(FAMILIES)})")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--dtype", default="float32", help="float32 (default), float16 or bfloat16")

@@ -115,6 +115,27 @@ def test_paired_ratio():
     assert paired_ratio([6.0], [2.0]) == 3.0
 
 
+def test_every_sample_follows_a_run_in():
+    """Each timed sample is preceded by untimed calls of the same provider (at least one), and the
+    samples are taken in rotating order; a provider that raises is dropped with its error."""
+    from bench.timing import interleaved
+
+    log: list[str] = []
+
+    def runner(name: str):
+        return lambda: log.append(name)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    timings = interleaved({"a": runner("a"), "b": runner("b"), "bad": broken}, repeat=2, warmup=1,
+                          min_sample_s=0.0, device=torch.device("cpu"))
+    # warm-up a, b; round 0: a (run-in + sample), b (run-in + sample); round 1 starts with b.
+    assert log == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]
+    assert [len(timings[n].samples) for n in ("a", "b")] == [2, 2]
+    assert timings["bad"].samples == [] and "boom" in timings["bad"].error
+
+
 def test_steady_malloc(tmp_path):
     """--malloc steady pins glibc's thresholds in its own process and says so with the machine."""
     proc = subprocess.run(

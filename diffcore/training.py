@@ -177,8 +177,8 @@ class TimestepSampler:
         steps: T, a positive int.
         kind: ``"uniform"`` or ``"importance"``.
         history: the losses kept per timestep, a positive int (DiffRec's ``history_num_per_term``).
-        uniform_prob: an int or float in [0, 1], the weight of the uniform distribution in the mix
-            (DiffRec's 0.001).
+        uniform_prob: a real number (Python or numpy) in [0, 1], the weight of the uniform
+            distribution in the mix (DiffRec's 0.001).
 
     Attributes:
         history: (T, history) float64, DiffRec's ``Lt_history`` (FIFO per timestep, oldest first).
@@ -198,11 +198,8 @@ class TimestepSampler:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
         _choice("kind", kind, SAMPLERS)
-        if isinstance(uniform_prob, bool) or not isinstance(uniform_prob, (int, float)):
-            raise TypeError(f"uniform_prob: expected a float in [0, 1], got {type(uniform_prob).__name__}")
-        if not 0.0 <= uniform_prob <= 1.0:  # NaN fails this too
-            raise ValueError(f"uniform_prob: expected a probability in [0, 1], got {uniform_prob}")
-        self.steps, self.kind, self.uniform_prob = steps, kind, float(uniform_prob)
+        uniform_prob = _checks.real("uniform_prob", uniform_prob, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
+        self.steps, self.kind, self.uniform_prob = steps, kind, uniform_prob
         self.history = torch.zeros(steps, history, dtype=torch.float64, device=device)
         self.count = torch.zeros(steps, dtype=torch.int64, device=device)
         self._warm = False  # every history full: counts never decrease, so it stays so

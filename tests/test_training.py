@@ -279,7 +279,7 @@ def test_sample_seeds_must_be_ints_in_u64():
 def test_uniform_prob_is_a_probability():
     """``uniform_prob='a'`` raised "'<=' not supported between instances"; now a TypeError."""
     for bad in ("a", None, True, torch.tensor(0.1)):
-        with pytest.raises(TypeError, match="uniform_prob: expected a float in \\[0, 1\\], got"):
+        with pytest.raises(TypeError, match="uniform_prob: expected a probability in \\[0, 1\\], got"):
             TimestepSampler(3, uniform_prob=bad)
     for bad in (-0.1, 1.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="uniform_prob: expected a probability in \\[0, 1\\]"):

@@ -154,7 +154,7 @@ void run_step(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond
   check_float_dtype(x, "x");
   check_guided_step(x, f, f_uncond, guidance, noise, seed, offset, out, table, "x");
   const GuidedStepViews v = guided_step_views(x, f, f_uncond, noise, out);
-  const std::vector<float> coef = gather_rows(table, t, x.size(0), 3, clamp_t, "diffusion_step");
+  const std::vector<float> coef = gather_rows<3>(table, t, x.size(0), clamp_t, "diffusion_step");
   StepOperands op;
   bind_guided_step(op, v, coef, guidance, seed, offset);
   if (v.f) {

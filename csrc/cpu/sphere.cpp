@@ -627,7 +627,7 @@ void run_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& t
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
   check_written(out, x0, "out", "x0");
   check_same_device(table, x0, "table", "x0");
-  const std::vector<float> coef = gather_rows(table, t, x0.size(0), 1, false, "sphere_q_sample");
+  const std::vector<float> coef = gather_rows<1>(table, t, x0.size(0), false, "sphere_q_sample");
   const at::Tensor xs = unit_cols(apart_from(x0, out));
   const OptTensor zs = noise ? OptTensor(unit_cols(apart_from(*noise, out))) : std::nullopt;
   const at::Tensor os = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
@@ -660,7 +660,7 @@ void run_p_step(const at::Tensor& x, const at::Tensor& f, const OptTensor& f_unc
   check_rows(x, "x_t");
   check_guided_step(x, f, f_uncond, guidance, noise, seed, offset, out, table, "x_t");
   const GuidedStepViews v = guided_step_views(x, f, f_uncond, noise, out);
-  const std::vector<float> coef = gather_rows(table, t, x.size(0), 3, clamp_t, "sphere_p_step");
+  const std::vector<float> coef = gather_rows<3>(table, t, x.size(0), clamp_t, "sphere_p_step");
   SphereOperands op;
   bind_guided_step(op, v, coef, guidance, seed, offset);
   op.v = v.f->data_ptr();

@@ -104,19 +104,21 @@ def test_tie_rule_and_masked_rows(name, k, as_tuple):
 @pytest.mark.parametrize("scores_kind", ["distinct", "bunched", "infinite"])
 @pytest.mark.parametrize("k", [1, 7, 64, 300])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "history"])
-def test_long_rows_refill_the_candidate_buffer(scores_kind, k, masked):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_long_rows_refill_the_candidate_buffer(scores_kind, k, masked, dtype):
     """Rows long enough that the C++ kernel's candidate buffer (2k + 64) fills and is cut back many
     times: distinct scores (the binned cut), scores bunched on a few values (ties across the cut;
-    the exact fallback) and +-inf among them; ascending rows make every item a candidate."""
+    the exact fallback) and +-inf among them; ascending rows make every item a candidate.
+    bfloat16 rows are scanned in chunks of 4,096 converted items (one buffer per task)."""
     g = torch.Generator().manual_seed(k)
     B, n = 6, 6000
-    scores = torch.randn(B, n, generator=g, dtype=torch.float64).float()
+    scores = torch.randn(B, n, generator=g, dtype=torch.float64).to(dtype)
     if scores_kind == "bunched":
         scores = (scores * 2).round() / 2
     elif scores_kind == "infinite":
         scores[:, ::97] = float("inf")
         scores[:, 5::89] = -float("inf")
-    scores[-1] = torch.arange(n, dtype=torch.float32)  # every item beats the threshold
+    scores[-1] = torch.arange(n).to(dtype)  # every item beats the threshold (bfloat16: ties from 256 on)
     crow, col = _history(B, n, g, max_len=400) if masked else (None, None)
     exclude = None if crow is None else (crow, col)
     _assert_exact(_topk("cpu", scores, k, exclude=exclude), ref.topk(scores, None, k, crow, col))

@@ -62,6 +62,7 @@ struct ScanBlock {
   int64_t* count;
   double* thr;
   void* scratch;  // cap scores
+  float* converted;  // b1 - b0 floats: a float16/bfloat16 scores row as float32, else nullptr
   int64_t k, cap;
 };
 
@@ -78,29 +79,31 @@ namespace {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// The least and the greatest of s[0:n], n >= 1 (no NaN): vector lanes, then the lanes and the
-// tail. Candidates::select takes two per cut; as chains of scalar min / max they held it at
-// latency (top-100 of 400 x 4,096 scores on one thread: 6.0-6.2 -> 4.5-4.6 ms; from queries on
-// Gowalla, 2,048 x 40,981: 72-74 -> 65-66 ms; alternating processes).
-template <typename A>
-void min_max(const A* s, int64_t n, A& lo, A& hi) {
+// The least of s[0:n] and, with kMax, the greatest, n >= 1 (no NaN): vector lanes, then the lanes
+// and the tail. Candidates::select takes both per cut, then the least of the kept; as chains of
+// scalar min / max they held it at latency (top-100 of 400 x 4,096 scores on one thread: 6.0-6.2
+// -> 4.5-4.6 ms; from queries on Gowalla, 2,048 x 40,981: 72-74 -> 65-66 ms; alternating processes).
+template <bool kMax, typename A>
+void extremes(const A* s, int64_t n, A& lo, A& hi) {
   using Vec = at::vec::Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  lo = hi = s[0];
+  lo = s[0];
+  if constexpr (kMax) hi = s[0];
   int64_t i = 0;
   if (n >= W) {
     Vec vlo = Vec::loadu(s), vhi = vlo;
     for (i = W; i + W <= n; i += W) {
       const Vec v = Vec::loadu(s + i);
       vlo = at::vec::minimum(vlo, v);
-      vhi = at::vec::maximum(vhi, v);
+      if constexpr (kMax) vhi = at::vec::maximum(vhi, v);
     }
     lo = at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }, vlo);
-    hi = at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vhi);
+    if constexpr (kMax)
+      hi = at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, vhi);
   }
   for (; i < n; ++i) {
     lo = std::min(lo, s[i]);
-    hi = std::max(hi, s[i]);
+    if constexpr (kMax) hi = std::max(hi, s[i]);
   }
 }
 
@@ -152,7 +155,7 @@ struct Candidates {
     }
     constexpr int kBins = 64;
     A lo, hi;
-    min_max(s, n, lo, hi);
+    extremes<true>(s, n, lo, hi);
     const A scale = kBins / (hi - lo);
     if (!(hi > lo) || !std::isfinite(scale) || !std::isfinite(lo) || !std::isfinite(hi)) return select_exact();
     const auto bin = [&](A v) { return std::min(static_cast<int>((v - lo) * scale), kBins - 1); };
@@ -170,8 +173,7 @@ struct Candidates {
       j += keep;
     }
     n = j;
-    A unused;
-    min_max(s, n, thr, unused);
+    extremes<false>(s, n, thr, thr);
   }
 
   void append(A v, int64_t i) {
@@ -247,7 +249,6 @@ template <typename T>
 bool scan_block(const ScanBlock& blk) {
   using A = acc_t<T>;
   const int64_t len = blk.b1 - blk.b0;
-  std::vector<A> converted(std::is_same_v<T, A> ? 0 : static_cast<size_t>(len));
   bool ok = true;
   for (int64_t r = blk.r0; r < blk.r1; ++r) {
     const T* row = static_cast<const T*>(blk.scores) + (r - blk.r0) * blk.ld;
@@ -255,8 +256,8 @@ bool scan_block(const ScanBlock& blk) {
     if constexpr (std::is_same_v<T, A>) {
       s = row;
     } else {
-      for (int64_t j = 0; j < len; ++j) converted[j] = static_cast<A>(row[j]);
-      s = converted.data();
+      for (int64_t j = 0; j < len; ++j) blk.converted[j] = static_cast<A>(row[j]);
+      s = blk.converted;
     }
     Candidates<A> c = candidates<A>(blk, r);
     const int64_t* h = blk.crow ? blk.col + blk.crow[r] : nullptr;
@@ -402,6 +403,8 @@ std::tuple<at::Tensor, at::Tensor> retrieval_topk(const at::Tensor& x_arg, const
     at::Tensor cand_ids = at::empty({row_block * cap}, x.options().dtype(at::kLong));
     std::vector<int64_t> count(static_cast<size_t>(row_block));
     std::vector<double> thr(static_cast<size_t>(row_block));  // read only once a row has k candidates
+    const int64_t step = items ? kItemBlock : (dt == acc ? n : kScoreChunk);
+    std::vector<float> converted(dt == acc ? 0 : static_cast<size_t>(std::min(step, n)));
     for (int64_t g = g0; g < g1; ++g) {
       ScanBlock blk = base;
       blk.r0 = g * row_block;
@@ -411,9 +414,9 @@ std::tuple<at::Tensor, at::Tensor> retrieval_topk(const at::Tensor& x_arg, const
       blk.count = count.data();
       blk.thr = thr.data();
       blk.scratch = scratch.data_ptr();
+      blk.converted = converted.data();
       std::fill(count.begin(), count.end(), 0);
       const int64_t rows = blk.r1 - blk.r0;
-      const int64_t step = items ? kItemBlock : (dt == acc ? n : kScoreChunk);
       bool block_ok = true;
       for (blk.b0 = 0; blk.b0 < n && block_ok; blk.b0 += step) {
         blk.b1 = std::min(n, blk.b0 + step);

@@ -503,6 +503,7 @@ def bad_cases(schedule):
         (lambda: diffcore.p_step(x, m, -1, schedule), ValueError, "t: expected a timestep"),
         (lambda: diffcore.p_step(x, m, torch.tensor([0, 1, 40, 2]), schedule), RuntimeError, r"t\[2\] = 40"),
         (lambda: diffcore.p_step(x, m, torch.tensor([0, -3, 1, 2]), schedule), RuntimeError, r"t\[1\] = -3"),
+        (lambda: diffcore.p_step(x, m, torch.tensor([0, 1, 39, 40]), schedule), RuntimeError, r"t\[3\] = 40"),
         (lambda: diffcore.p_step(x, m, torch.tensor([1.0] * 4), schedule), TypeError, "t: expected an integer tensor"),
         (lambda: diffcore.p_step(x.long(), m, 1, schedule), TypeError, "x_t: expected float32"),
         (lambda: diffcore.p_step(x.to(torch.complex64), m, 1, schedule), TypeError, "x_t: expected float32"),

@@ -22,7 +22,6 @@
 
 #include "guided_step.h"
 #include "philox_vec.h"
-#include "tables.h"
 
 namespace diffcore::cpu {
 
@@ -39,7 +38,7 @@ struct StepOperands {
   int64_t u_stride = 0;
   const void* noise = nullptr;  // given noise; null for seeded or noiseless steps
   int64_t noise_stride = 0;
-  const float* coef = nullptr;  // (rows, 3): a, b, c
+  RowCoefficients coef;  // row r: a, b, c
   float guidance = 0.0f;
   bool seeded = false;
   uint64_t seed = 0, offset = 0;
@@ -117,7 +116,8 @@ void diffusion_step_kernel(const StepOperands& op, at::ScalarType dtype) {
         const int64_t r = task / blocks_per_row;
         const int64_t j0 = (task % blocks_per_row) * kBlock;
         const int64_t n = std::min(kBlock, op.cols - j0);
-        const float a = op.coef[3 * r], b = op.coef[3 * r + 1], c = op.coef[3 * r + 2];
+        const float* cf = op.coef.row(r);
+        const float a = cf[0], b = cf[1], c = cf[2];
         T* out = static_cast<T*>(op.out) + r * op.out_stride + j0;
         const T* x = static_cast<const T*>(op.x) + r * op.x_stride + j0;
         const T* f = has_f ? static_cast<const T*>(op.f) + r * op.f_stride + j0 : nullptr;
@@ -154,7 +154,7 @@ void run_step(const at::Tensor& x, const OptTensor& f, const OptTensor& f_uncond
   check_float_dtype(x, "x");
   check_guided_step(x, f, f_uncond, guidance, noise, seed, offset, out, table, "x");
   const GuidedStepViews v = guided_step_views(x, f, f_uncond, noise, out);
-  const std::vector<float> coef = gather_rows<3>(table, t, x.size(0), clamp_t, "diffusion_step");
+  const TableRows coef = table_rows(table, t, x.size(0), 3, clamp_t, "diffusion_step");
   StepOperands op;
   bind_guided_step(op, v, coef, guidance, seed, offset);
   if (v.f) {

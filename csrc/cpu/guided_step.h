@@ -9,8 +9,9 @@
 
 #include <diffcore/checks.h>
 
+#include "tables.h"
+
 #include <optional>
-#include <vector>
 
 namespace diffcore::cpu {
 
@@ -54,7 +55,7 @@ inline GuidedStepViews guided_step_views(const at::Tensor& x, const std::optiona
 
 // The fields both operand structs share, from the views, the per-row coefficients and the noise.
 template <typename Op>
-void bind_guided_step(Op& op, const GuidedStepViews& v, const std::vector<float>& coef, double guidance,
+void bind_guided_step(Op& op, const GuidedStepViews& v, const TableRows& coef, double guidance,
                       const std::optional<int64_t>& seed, int64_t offset) {
   op.rows = v.x.size(0);
   op.cols = v.x.size(1);
@@ -70,7 +71,7 @@ void bind_guided_step(Op& op, const GuidedStepViews& v, const std::vector<float>
     op.noise = v.z->data_ptr();
     op.noise_stride = v.z->stride(0);
   }
-  op.coef = coef.data();
+  op.coef = coef.view();
   op.guidance = static_cast<float>(guidance);
   op.seeded = seed.has_value();
   op.seed = static_cast<uint64_t>(seed.value_or(0));

@@ -40,7 +40,6 @@
 
 #include "guided_step.h"
 #include "philox_vec.h"
-#include "tables.h"
 
 namespace diffcore::cpu {
 
@@ -60,7 +59,7 @@ struct SphereOperands {
   int64_t u_stride = 0;
   const void* noise = nullptr;  // given noise (q_sample, p_step)
   int64_t noise_stride = 0;
-  const float* coef = nullptr;  // q_sample: (rows,) s; p_step: (rows, 3) a, b, c
+  RowCoefficients coef;  // row r: q_sample s; p_step a, b, c
   double eps = 0.0;             // normalize
   float guidance = 0.0f;
   bool seeded = false;
@@ -386,7 +385,7 @@ void q_sample_rows(const SphereOperands& op, int64_t begin, int64_t end, float* 
     for (int64_t i = 0; i < m; ++i) {
       const int64_t r = r0 + i;
       const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
-      s[i] = static_cast<A>(op.coef[r]);
+      s[i] = static_cast<A>(op.coef.row(r)[0]);
       if (op.seeded) {
         dots_row<T, float>(x, zbuf + i * n, n, xx[i], xz[i], zz[i]);
       } else {
@@ -417,7 +416,8 @@ template <typename T>
 void p_step_row(const SphereOperands& op, int64_t r, Acc<T>* y, const float* drawn) {
   using A = Acc<T>;
   const int64_t n = op.cols;
-  const A a = op.coef[3 * r], b = op.coef[3 * r + 1], c = op.coef[3 * r + 2];
+  const float* cf = op.coef.row(r);
+  const A a = cf[0], b = cf[1], c = cf[2];
   const A w = op.guidance, w1 = A(1) + A(op.guidance);
   const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
   const T* f = static_cast<const T*>(op.v) + r * op.v_stride;
@@ -627,7 +627,7 @@ void run_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& t
   TORCH_CHECK(offset >= 0, "offset: must be non-negative, got ", offset);
   check_written(out, x0, "out", "x0");
   check_same_device(table, x0, "table", "x0");
-  const std::vector<float> coef = gather_rows<1>(table, t, x0.size(0), false, "sphere_q_sample");
+  const TableRows coef = table_rows(table, t, x0.size(0), 1, false, "sphere_q_sample");
   const at::Tensor xs = unit_cols(apart_from(x0, out));
   const OptTensor zs = noise ? OptTensor(unit_cols(apart_from(*noise, out))) : std::nullopt;
   const at::Tensor os = out.stride(1) == 1 ? out : at::empty(out.sizes(), out.options());
@@ -642,7 +642,7 @@ void run_q_sample(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& t
     op.noise = zs->data_ptr();
     op.noise_stride = zs->stride(0);
   }
-  op.coef = coef.data();
+  op.coef = coef.view();
   op.seeded = seed.has_value();
   op.seed = static_cast<uint64_t>(seed.value_or(0));
   op.offset = static_cast<uint64_t>(offset);
@@ -660,7 +660,7 @@ void run_p_step(const at::Tensor& x, const at::Tensor& f, const OptTensor& f_unc
   check_rows(x, "x_t");
   check_guided_step(x, f, f_uncond, guidance, noise, seed, offset, out, table, "x_t");
   const GuidedStepViews v = guided_step_views(x, f, f_uncond, noise, out);
-  const std::vector<float> coef = gather_rows<3>(table, t, x.size(0), clamp_t, "sphere_p_step");
+  const TableRows coef = table_rows(table, t, x.size(0), 3, clamp_t, "sphere_p_step");
   SphereOperands op;
   bind_guided_step(op, v, coef, guidance, seed, offset);
   op.v = v.f->data_ptr();

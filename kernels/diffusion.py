@@ -11,15 +11,15 @@ whose c is 0 (t = 0 of p_step) skips its noise term. One program per (row, block
 
 from __future__ import annotations
 
-import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_like, check_noise, check_rows, device_guard, finish, scratch, unit_cols
 from .philox import philox_normal, round_to, seed_words
 
-_FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BLOCK = 2048  # columns per program at most; the values do not depend on it
 
 
@@ -67,15 +67,6 @@ def _diffusion_step_kernel(
     tl.store(out_ptr + row * out_row_stride + cols, round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_operand(t: torch.Tensor, x: torch.Tensor, name: str) -> None:
-    if t.device != x.device:
-        raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
-    if t.dtype != x.dtype:
-        raise RuntimeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-    if t.shape != x.shape:
-        raise RuntimeError(f"{name}: expected shape {tuple(x.shape)} (the shape of x), got {tuple(t.shape)}")
-
-
 def _coefficients(
     table: torch.Tensor,  # (K, 3) float64/float32
     t: torch.Tensor | None,  # (B,) or (1,) int64, or None
@@ -111,9 +102,43 @@ def _coefficients(
     return table[k].float().expand(rows, 3).contiguous()
 
 
-def _unit_cols(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A 2-D operand with unit column stride: the tensor itself, or a contiguous copy."""
-    return t if t is None or t.stride(1) == 1 else t.contiguous()
+class GuidedOperands(NamedTuple):
+    """The launch operands of a guided step: unit-column views of x, model_out, uncond_out and
+    noise, the destination (``out`` or a scratch, see ``_launch.scratch``), the (B, 3) coefficients
+    and the seed's two words."""
+
+    x: torch.Tensor
+    f: torch.Tensor | None
+    u: torch.Tensor | None
+    z: torch.Tensor | None
+    dst: torch.Tensor
+    coef: torch.Tensor
+    seed_lo: int
+    seed_hi: int
+
+
+def guided_operands(
+    x: torch.Tensor, f: torch.Tensor | None, f_uncond: torch.Tensor | None, guidance: float, t: torch.Tensor | None,
+    table: torch.Tensor, noise: torch.Tensor | None, seed: int | None, offset: int, clamp_t: bool, out: torch.Tensor,
+) -> GuidedOperands | None:
+    """The checks and operands the fused step and the sphere ``p_step`` share (their C++ twin is
+    csrc/cpu/guided_step.h); x itself is checked by the caller. None when there is nothing to write."""
+    if f is not None:
+        check_like(f, x, "model_out")
+    if f_uncond is not None:
+        if f is None:
+            raise RuntimeError("uncond_out: given without model_out")
+        check_like(f_uncond, x, "uncond_out")
+    if guidance != 0.0 and f_uncond is None:
+        raise RuntimeError("guidance_scale: a non-zero scale needs uncond_out")
+    check_noise(x, noise, seed, offset)
+    check_like(out, x, "out")
+    coef = _coefficients(table, t, x.shape[0], clamp_t, x.device)
+    if x.numel() == 0:
+        return None
+    seed_lo, seed_hi = seed_words(seed) if seed is not None else (0, 0)
+    xs, fs, us, zs = (unit_cols(v) for v in (x, f, f_uncond, noise))
+    return GuidedOperands(xs, fs, us, zs, scratch(out), coef, seed_lo, seed_hi)
 
 
 def diffusion_step_out(
@@ -138,45 +163,20 @@ def diffusion_step_out(
     ``noise``, or with ``seed`` the Philox stream ``(seed, offset)`` at index ``r * N + j``, or
     nothing; a row with ``c == 0`` skips it. Rows may be strided; ``out`` may be ``x``.
     """
-    if x.dim() != 2:
-        raise RuntimeError(f"x: expected a 2-D tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
-    if x.dtype not in _FEATURE_DTYPES:
-        raise RuntimeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
-    if f is not None:
-        _check_operand(f, x, "model_out")
-    if f_uncond is not None:
-        if f is None:
-            raise RuntimeError("uncond_out: given without model_out")
-        _check_operand(f_uncond, x, "uncond_out")
-    if guidance != 0.0 and f_uncond is None:
-        raise RuntimeError("guidance_scale: a non-zero scale needs uncond_out")
-    if noise is not None:
-        _check_operand(noise, x, "noise")
-    if noise is not None and seed is not None:
-        raise RuntimeError("noise and seed: give one, not both")
-    if offset < 0:
-        raise RuntimeError(f"offset: must be non-negative, got {offset}")
-    _check_operand(out, x, "out")
-    rows, cols = x.shape
-    coef = _coefficients(table, t, rows, clamp_t, x.device)
-    if rows == 0 or cols == 0:
+    check_rows(x, "x")
+    op = guided_operands(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out)
+    if op is None:
         return
-
-    xs, fs, us, zs = (_unit_cols(v) for v in (x, f, f_uncond, noise))
-    dst = out if out.stride(1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    seed_lo, seed_hi = seed_words(seed) if seed is not None else (0, 0)
+    rows, cols = x.shape
     block = min(_MAX_BLOCK, triton.next_power_of_2(cols))
-    grid = (rows, triton.cdiv(cols, block))
-    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with guard:
-        _diffusion_step_kernel[grid](
-            dst, dst.stride(0),
-            xs, xs.stride(0),
-            fs, 0 if fs is None else fs.stride(0),
-            us, 0 if us is None else us.stride(0),
-            zs, 0 if zs is None else zs.stride(0),
-            coef, cols, float(guidance), seed_lo, seed_hi, offset,
+    with device_guard(x):
+        _diffusion_step_kernel[(rows, triton.cdiv(cols, block))](
+            op.dst, op.dst.stride(0),
+            op.x, op.x.stride(0),
+            op.f, 0 if op.f is None else op.f.stride(0),
+            op.u, 0 if op.u is None else op.u.stride(0),
+            op.z, 0 if op.z is None else op.z.stride(0),
+            op.coef, cols, float(guidance), op.seed_lo, op.seed_hi, offset,
             SEEDED=seed is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
         )
-    if dst is not out:
-        out.copy_(dst)
+    finish(op.dst, out)

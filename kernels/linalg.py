@@ -18,12 +18,11 @@ applied by the launcher (a float kernel argument would be float32).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard, finish, scratch
 from .philox import philox4x32_10, philox_normal, seed_words
 
 _DTYPES = (torch.float32, torch.float64)
@@ -131,10 +130,6 @@ def _csr_sketch_kernel(
     tl.store(out_ptr + row * k + rk, acc, mask=kmask)
 
 
-def _guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _omega_args(kind: str, density: float, seed: int, offset: int) -> tuple[int, int, int, int, int]:
     if kind not in _KINDS:
         raise RuntimeError(f"kind: expected 'gaussian', 'rademacher' or 'sparse', got '{kind}'")
@@ -176,20 +171,19 @@ def linalg_sketch_out(
         return
     if a.numel() and not bool(torch.isfinite(a).all()):
         raise RuntimeError("A: expected finite values, found NaN or Inf")
-    dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    dst = scratch(out, contiguous=True)
     fp64 = a.dtype == torch.float64
     block_m, block_n = (16, 16) if fp64 else (32, 32)
     block_k = max(16, min(_MAX_BLOCK_K if not fp64 else 16, triton.next_power_of_2(k)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
-    with _guard(a):
+    with device_guard(a):
         _dense_sketch_kernel[grid](
             a, dst, m, n, k, a.stride(0), a.stride(1), seed_lo, seed_hi, offset, threshold,
             KIND=kind_id, ACC=_acc(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         )
     if scale != 1.0:  # on the host: a float argument would reach the kernel as float32
         dst.mul_(scale)
-    if dst is not out:
-        out.copy_(dst)
+    finish(dst, out)
 
 
 def linalg_sketch_csr_out(
@@ -234,15 +228,14 @@ def linalg_sketch_csr_out(
         raise RuntimeError(f"out: expected {(rows, k)} {dtype}, got {tuple(out.shape)} {out.dtype}")
     if out.numel() == 0:
         return
-    dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    dst = scratch(out, contiguous=True)
     block_k = min(_MAX_BLOCK_K, triton.next_power_of_2(k))
     grid = (rows, triton.cdiv(k, block_k))
-    with _guard(crow):
+    with device_guard(crow):
         _csr_sketch_kernel[grid](
             crow, col, values, row_scale, col_scale, dst, k, seed_lo, seed_hi, offset, threshold,
             KIND=kind_id, ACC=_acc(dtype), BLOCK_E=_BLOCK_E, BLOCK_K=block_k,
         )
     if scale != 1.0:
         dst.mul_(scale)
-    if dst is not out:
-        out.copy_(dst)
+    finish(dst, out)

@@ -6,15 +6,13 @@ row-major index in ``out``'s shape, whatever its strides.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import FEATURE_DTYPES, device_guard, finish, scratch
 from .philox import philox_normal, round_to, seed_words
 
-_FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK = 1024  # elements per program; the values do not depend on it
 
 
@@ -42,17 +40,15 @@ def random_normal_(out: torch.Tensor, seed: int, offset: int) -> None:
             negative) or a non-negative int below 2^64.
         offset: the first Philox counter, in [0, 2^63); the fill consumes ``ceil(numel / 4)``.
     """
-    if out.dtype not in _FEATURE_DTYPES:
+    if out.dtype not in FEATURE_DTYPES:
         raise RuntimeError(f"randn: out: expected float32, float16 or bfloat16, got {out.dtype}")
     if offset < 0:
         raise RuntimeError(f"randn: offset must be non-negative, got {offset}")
     n = out.numel()
     if n == 0:
         return
-    dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    dst = scratch(out, contiguous=True)
     seed_lo, seed_hi = seed_words(seed)
-    guard = torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(out):
         _random_normal_kernel[(triton.cdiv(n, _BLOCK),)](dst, n, seed_lo, seed_hi, offset, BLOCK=_BLOCK)
-    if dst is not out:
-        out.copy_(dst)
+    finish(dst, out)

@@ -56,12 +56,11 @@ n_items' power of two. They are untuned guesses for a GPU: the tests run the int
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard
 from .philox import round_to
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -154,10 +153,6 @@ def _block_topk_kernel(
         tl.store(cand_val_ptr + out + t, tl.where(got, m, float("-inf")), mask=rmask)
         ident = tl.where(got, blk.to(tl.int64) * BLOCK_N + idx, -1)
         tl.store(cand_id_ptr + out + t, ident.to(cand_id_ptr.dtype.element_ty), mask=rmask)
-
-
-def _guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _check(x, items, k, crow, col, values, ids) -> int:
@@ -271,7 +266,7 @@ def retrieval_topk_out(
     cand_val = torch.empty((rows, p), dtype=acc, device=x.device)
     cand_id = torch.empty((rows, p), dtype=torch.int32 if n < 2**31 else torch.int64, device=x.device)
     nan = torch.empty(n_tiles * n_blocks, dtype=torch.int32, device=x.device)
-    with _guard(x):
+    with device_guard(x):
         _block_topk_kernel[(n_tiles * n_blocks,)](
             x, x.stride(0), x.stride(1),
             items, 0 if items is None else items.stride(0), 0 if items is None else items.stride(1),

@@ -15,15 +15,13 @@ Seeded noise is drawn for the norms and drawn again by the step (no noise tensor
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_like, check_noise, check_rows, device_guard, finish, scratch, unit_cols
 from .philox import philox_normal, round_to, seed_words
 
-_FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BLOCK = 2048  # columns per program at most; the values do not depend on it
 _REDUCE_BLOCK = 1024  # rows per iteration of the batch reduction
 
@@ -133,25 +131,6 @@ def _sde_step_kernel(
     tl.store(out_ptr + row * out_row_stride + cols, round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_operand(t: torch.Tensor, x: torch.Tensor, name: str) -> None:
-    if t.device != x.device:
-        raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
-    if t.dtype != x.dtype:
-        raise RuntimeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-    if t.shape != x.shape:
-        raise RuntimeError(f"{name}: expected shape {tuple(x.shape)} (the shape of x), got {tuple(t.shape)}")
-
-
-def _unit_cols(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A 2-D operand with unit column stride: the tensor itself, or a contiguous copy."""
-    return t if t is None or t.stride(1) == 1 else t.contiguous()
-
-
-def _scratch(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A written operand with unit column stride: the tensor itself, or a scratch tensor."""
-    return t if t is None or t.stride(1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
 def _coefficients(coef: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
     """The (R, 4) float32 rows ``(a, b k, c, |k|)`` from the float64 (or float32) ``coef``."""
     if coef.dim() != 2 or coef.shape[1] != 4 or coef.shape[0] not in (1, rows):
@@ -177,34 +156,25 @@ def sde_step_out(
 ) -> None:
     """Writes ``out = x_mean + c g z`` and ``mean_out = x_mean = a x + b g^2 k score`` row by row,
     math in float32 (``g`` as in the module docstring). Rows may be strided; ``out`` may be ``x``."""
-    if x.dim() != 2:
-        raise RuntimeError(f"x: expected a 2-D tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
-    if x.dtype not in _FEATURE_DTYPES:
-        raise RuntimeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
-    _check_operand(score, x, "score")
-    if noise is not None:
-        _check_operand(noise, x, "noise")
-    if noise is not None and seed is not None:
-        raise RuntimeError("noise and seed: give one, not both")
-    if offset < 0:
-        raise RuntimeError(f"offset: must be non-negative, got {offset}")
+    check_rows(x, "x")
+    check_like(score, x, "score")
+    check_noise(x, noise, seed, offset)
     if snr is not None and not snr > 0:
         raise RuntimeError(f"snr: expected snr > 0, got {snr}")
-    _check_operand(out, x, "out")
+    check_like(out, x, "out")
     if mean_out is not None:
-        _check_operand(mean_out, x, "mean_out")
+        check_like(mean_out, x, "mean_out")
     rows, cols = x.shape
     coef32 = _coefficients(coef, rows, x.device)
     if rows == 0 or cols == 0:
         return
 
-    xs, ss, zs = (_unit_cols(v) for v in (x, score, noise))
-    dst, mean_dst = _scratch(out), _scratch(mean_out)
+    xs, ss, zs = (unit_cols(v) for v in (x, score, noise))
+    dst, mean_dst = scratch(out), scratch(mean_out)
     seed_lo, seed_hi = seed_words(seed) if seed is not None else (0, 0)
     coef_stride = 0 if coef32.shape[0] == 1 else 4
     block = min(_MAX_BLOCK, triton.next_power_of_2(cols))
-    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(x):
         factor = None
         if snr is not None:
             norms = torch.empty((rows, 2), dtype=torch.float32, device=x.device)
@@ -223,7 +193,5 @@ def sde_step_out(
             coef32, coef_stride, factor, cols, seed_lo, seed_hi, offset,
             SEEDED=seed is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
         )
-    if dst is not out:
-        out.copy_(dst)
-    if mean_dst is not None and mean_dst is not mean_out:
-        mean_out.copy_(mean_dst)
+    finish(dst, out)
+    finish(mean_dst, mean_out)

@@ -14,12 +14,11 @@ csrc/cuda/sparse.cu gives each row a warp instead).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import check_rows, device_guard, finish, scratch, unit_cols
 from .philox import round_to
 
 _FEATURE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -90,10 +89,7 @@ def _csr_layer_kernel(
 
 def _check_csr(crow, col, values, row_scale, col_scale, x: torch.Tensor) -> None:
     """The checks of csrc/cpu/sparse.cpp, values included (host-side: on CUDA this synchronises)."""
-    if x.dim() != 2:
-        raise RuntimeError(f"x: expected a 2-D tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
-    if x.dtype not in _FEATURE_DTYPES:
-        raise RuntimeError(f"x: expected float32, float64, float16 or bfloat16, got {x.dtype}")
+    check_rows(x, "x", _FEATURE_DTYPES)
     if crow.dim() != 1 or crow.dtype != torch.int64 or crow.numel() < 1:
         raise RuntimeError(f"crow: expected (rows + 1,) int64 row pointers, got {crow.dtype} {tuple(crow.shape)}")
     if col.dim() != 1 or col.dtype not in (torch.int32, torch.int64):
@@ -134,14 +130,6 @@ def _layer(crow, col, values, row_scale, col_scale, *, y, scale_in, next_, x0, w
     )
 
 
-def _unit_cols(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
-
-
-def _guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def sparse_spmm_out(
     crow: torch.Tensor,  # (n + 1,) int64
     col: torch.Tensor,  # (nnz,) int32/int64
@@ -162,12 +150,11 @@ def sparse_spmm_out(
     if out.numel() == 0:
         return
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dst = out if out.stride(1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    with _guard(x):
-        _layer(crow, col, values, row_scale, col_scale, y=_unit_cols(x), scale_in=col_scale is not None,
+    dst = scratch(out)
+    with device_guard(x):
+        _layer(crow, col, values, row_scale, col_scale, y=unit_cols(x), scale_in=col_scale is not None,
                next_=None, x0=None, w0=0.0, wk=1.0, sum_=None, out=dst, acc_dtype=acc_dtype)
-    if dst is not out:
-        out.copy_(dst)
+    finish(dst, out)
 
 
 def sparse_propagate_out(
@@ -199,12 +186,12 @@ def sparse_propagate_out(
         return
     if out.numel() == 0:
         return
-    x = _unit_cols(x)
-    dst = out if out.stride(1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    x = unit_cols(x)
+    dst = scratch(out)
     combine = dst if dst.dtype == acc_dtype else torch.empty(x.shape, dtype=acc_dtype, device=x.device)
     layers = [torch.empty(x.shape, dtype=acc_dtype, device=x.device) if num_layers > k else None for k in (2, 1)]
     summed = False  # whether combine holds a partial sum
-    with _guard(x):
+    with device_guard(x):
         for k in range(1, num_layers + 1):
             first, last = k == 1, k == num_layers
             x0 = x if first and weights[0] != 0.0 else None
@@ -221,5 +208,4 @@ def sparse_propagate_out(
                 sum_=combine if summed and target is not None else None, out=target, acc_dtype=acc_dtype,
             )
             summed = summed or target is not None
-    if dst is not out:
-        out.copy_(dst)
+    finish(dst, out)

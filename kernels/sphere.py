@@ -25,13 +25,12 @@ the timestep check reads t back: on CUDA both synchronise.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from .diffusion import _check_operand, _coefficients, _unit_cols
+from ._launch import check_like, check_rows, device_guard, finish, scratch, unit_cols
+from .diffusion import _coefficients, guided_operands
 from .philox import philox_normal, seed_words
 
 SPHERE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -337,22 +336,11 @@ def _sphere_p_step_kernel(
 
 
 # --- launchers (the ops' out form) ---------------------------------------------------------------
-def _rows(x: torch.Tensor, name: str) -> None:
-    if x.dim() != 2:
-        raise RuntimeError(f"{name}: expected a 2-D tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
-    if x.dtype not in SPHERE_DTYPES:
-        raise RuntimeError(f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}")
-
-
 def _blocks(rows: int, cols: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK, programs): BLOCK columns per chunk, ROWS rows per program."""
     block = min(_MAX_BLOCK, triton.next_power_of_2(max(cols, 1)))
     rows_per = max(1, min(_ELEMENTS // block, triton.next_power_of_2(max(rows, 1))))
     return rows_per, block, triton.cdiv(rows, rows_per)
-
-
-def _device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _raise_flagged(bad: torch.Tensor, op: str, names: tuple[str, str], normalize: bool = False) -> None:
@@ -371,29 +359,27 @@ def _raise_flagged(bad: torch.Tensor, op: str, names: tuple[str, str], normalize
 def _map_out(kind: int, x: torch.Tensor, v: torch.Tensor | None, eps: float, out: torch.Tensor) -> None:
     op = _NAMES[kind]
     second = "y" if kind in (LOGMAP, DISTANCE) else "v"
-    _rows(x, "x")
+    check_rows(x, "x", SPHERE_DTYPES)
     if v is not None:
-        _check_operand(v, x, second)
+        check_like(v, x, second)
     rows, cols = x.shape
     if kind == DISTANCE:
         if out.shape != (rows,) or out.dtype != x.dtype or out.device != x.device:
             raise RuntimeError(f"out: expected a ({rows},) {x.dtype} tensor on {x.device}, got {tuple(out.shape)}")
     else:
-        _check_operand(out, x, "out")
+        check_like(out, x, "out")
     if rows == 0 or cols == 0:
         return
-    xs, vs = _unit_cols(x), _unit_cols(v)
-    dst = out if kind == DISTANCE or out.stride(1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    xs, vs, dst = unit_cols(x), unit_cols(v), scratch(out)  # distance: out is (B,)
     bad = torch.empty(rows, dtype=torch.int8, device=x.device)
     rows_per, block, programs = _blocks(rows, cols)
-    with _device_guard(x):
+    with device_guard(x):
         _sphere_map_kernel[(programs,)](
             dst, dst.stride(0), xs, xs.stride(0), vs, 0 if vs is None else vs.stride(0), bad,
             rows, cols, float(eps), MAP=kind, F64=x.dtype == torch.float64, ROWS=rows_per, BLOCK=block,
         )
     _raise_flagged(bad, op, ("x", second), normalize=kind == NORMALIZE)
-    if dst is not out:
-        out.copy_(dst)
+    finish(dst, out)
 
 
 def sphere_normalize_out(x: torch.Tensor, eps: float, out: torch.Tensor) -> None:
@@ -445,33 +431,31 @@ def sphere_q_sample_out(
 ) -> None:
     """Writes ``exp_x0(s P_x0(z))``, ``s = float32(table[t[r]])``, z the given noise or the Philox
     stream ``(seed, offset)`` at index ``r * d + j``. A zero row of x0 raises ValueError."""
-    _rows(x0, "x0")
+    check_rows(x0, "x0", SPHERE_DTYPES)
     if (noise is None) == (seed is None):
         raise RuntimeError("sphere_q_sample: give exactly one of noise and seed")
     if noise is not None:
-        _check_operand(noise, x0, "noise")
+        check_like(noise, x0, "noise")
     if offset < 0:
         raise RuntimeError(f"offset: must be non-negative, got {offset}")
-    _check_operand(out, x0, "out")
+    check_like(out, x0, "out")
     rows, cols = x0.shape
     if table.device != x0.device:
         raise RuntimeError(f"table: expected a tensor on {x0.device} (the device of x0), got {table.device}")
     scale = _scales(table, t, rows, x0.device)
     if rows == 0 or cols == 0:
         return
-    xs, zs = _unit_cols(x0), _unit_cols(noise)
-    dst = out if out.stride(1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    xs, zs, dst = unit_cols(x0), unit_cols(noise), scratch(out)
     bad = torch.empty(rows, dtype=torch.int8, device=x0.device)
     seed_lo, seed_hi = seed_words(seed) if seed is not None else (0, 0)
     rows_per, block, programs = _blocks(rows, cols)
-    with _device_guard(x0):
+    with device_guard(x0):
         _sphere_q_sample_kernel[(programs,)](
             dst, dst.stride(0), xs, xs.stride(0), zs, 0 if zs is None else zs.stride(0), scale, bad,
             rows, cols, seed_lo, seed_hi, offset, F64=x0.dtype == torch.float64, ROWS=rows_per, BLOCK=block,
         )
     _raise_flagged(bad, "sphere_q_sample", ("x0", "x0"))
-    if dst is not out:
-        out.copy_(dst)
+    finish(dst, out)
 
 
 def sphere_p_step_out(
@@ -491,33 +475,17 @@ def sphere_p_step_out(
     ``(a, b, c) = float32(table[t[r]])`` (``clamp_t``: t >= K uses K - 1) and z the given noise or
     the Philox stream at ``r * d + j`` (skipped where c == 0), math in float32 (float64 rows:
     float64)."""
-    _rows(x, "x_t")
-    _check_operand(f, x, "model_out")
-    if f_uncond is not None:
-        _check_operand(f_uncond, x, "uncond_out")
-    if guidance != 0.0 and f_uncond is None:
-        raise RuntimeError("guidance_scale: a non-zero scale needs uncond_out")
-    if noise is not None:
-        _check_operand(noise, x, "noise")
-    if noise is not None and seed is not None:
-        raise RuntimeError("noise and seed: give one, not both")
-    if offset < 0:
-        raise RuntimeError(f"offset: must be non-negative, got {offset}")
-    _check_operand(out, x, "out")
-    rows, cols = x.shape
-    coef = _coefficients(table, t, rows, clamp_t, x.device)
-    if rows == 0 or cols == 0:
+    check_rows(x, "x_t", SPHERE_DTYPES)
+    op = guided_operands(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out)
+    if op is None:
         return
-    xs, fs, us, zs = (_unit_cols(v) for v in (x, f, f_uncond, noise))
-    dst = out if out.stride(1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    seed_lo, seed_hi = seed_words(seed) if seed is not None else (0, 0)
+    rows, cols = x.shape
     rows_per, block, programs = _blocks(rows, cols)
-    with _device_guard(x):
+    with device_guard(x):
         _sphere_p_step_kernel[(programs,)](
-            dst, dst.stride(0), xs, xs.stride(0), fs, fs.stride(0),
-            us, 0 if us is None else us.stride(0), zs, 0 if zs is None else zs.stride(0),
-            coef, rows, cols, float(guidance), seed_lo, seed_hi, offset,
+            op.dst, op.dst.stride(0), op.x, op.x.stride(0), op.f, op.f.stride(0),
+            op.u, 0 if op.u is None else op.u.stride(0), op.z, 0 if op.z is None else op.z.stride(0),
+            op.coef, rows, cols, float(guidance), op.seed_lo, op.seed_hi, offset,
             SEEDED=seed is not None, F64=x.dtype == torch.float64, ROWS=rows_per, BLOCK=block,
         )
-    if dst is not out:
-        out.copy_(dst)
+    finish(op.dst, out)

@@ -19,12 +19,11 @@ CUDA this synchronises). float16/bfloat16 compute in float32, float64 in float64
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard, finish, scratch, unit_cols
 from .philox import round_to
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -39,20 +38,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check_range(name: str, index: torch.Tensor, n: int, what: str = "index") -> None:
     flat = index.reshape(-1)
     outside = (flat < 0) | (flat >= n)
     if bool(outside.any()):
         i = int(outside.nonzero()[0, 0])
         raise RuntimeError(f"{name}: every {what} must lie in [0, {n}), got {name}[{i}] = {int(flat[i])}")
-
-
-def _unit_cols(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t if t is None or t.dim() != 2 or t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
 # --- diffusion loss -----------------------------------------------------------------------------
@@ -172,8 +163,8 @@ def _loss_rows(model_out, x0, noise, t, table, pt, eps, reweight):
 
 
 def _loss_launch(kernel, grid, first, model_out, x0, noise, mode, coef, last, block):
-    ms, xs, zs = (_unit_cols(v) for v in (model_out, x0, noise))
-    with _guard(model_out):
+    ms, xs, zs = (unit_cols(v) for v in (model_out, x0, noise))
+    with device_guard(model_out):
         kernel[grid](
             first, ms, ms.stride(0), xs, xs.stride(0), zs, 0 if zs is None else zs.stride(0),
             mode, coef, last, model_out.shape[1],
@@ -200,11 +191,10 @@ def training_diffusion_loss_out(
     if cols == 0:
         out.fill_(float("nan"))
         return
-    dst = out if out.is_contiguous() else torch.empty_like(out)
+    dst = scratch(out, contiguous=True)
     block = min(_MAX_BLOCK, triton.next_power_of_2(cols))
     _loss_launch(_diffusion_loss_kernel, (rows,), dst, model_out, x0, noise, mode, coef, weight, block)
-    if dst is not out:
-        out.copy_(dst)
+    finish(dst, out)
 
 
 def training_diffusion_loss_backward_out(
@@ -228,12 +218,11 @@ def training_diffusion_loss_backward_out(
     if rows == 0 or cols == 0:
         return
     scale = (grad.reshape(-1).double() * weight / cols).contiguous()
-    dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    dst = scratch(out, contiguous=True)
     block = min(_MAX_BLOCK, triton.next_power_of_2(cols))
     grid = (rows, triton.cdiv(cols, block))
     _loss_launch(_diffusion_loss_backward_kernel, grid, dst, model_out, x0, noise, mode, coef, scale, block)
-    if dst is not out:
-        out.copy_(dst)
+    finish(dst, out)
 
 
 # --- history update -----------------------------------------------------------------------------
@@ -303,7 +292,7 @@ def training_history_update_out(
     _check_range("count", count, H + 1, "count")
     if t.numel() == 0 or T == 0:
         return
-    with _guard(history):
+    with device_guard(history):
         _history_update_kernel[(T,)](
             history, history.stride(0), history.stride(1), count, count.stride(0),
             t.contiguous(), losses.double().contiguous(), t.numel(), H,
@@ -447,7 +436,7 @@ def _bpr_operands(user_table, item_table, users, pos, neg, user_ego, item_ego):
         _check_range("users", users, user_ego.shape[0], "index of user_ego")
         _check_range("pos", pos, item_ego.shape[0], "index of item_ego")
         _check_range("neg", neg, item_ego.shape[0], "index of item_ego")
-    tables = tuple(_unit_cols(v) for v in (user_table, item_table, user_ego, item_ego))
+    tables = tuple(unit_cols(v) for v in (user_table, item_table, user_ego, item_ego))
     return tables, tuple(v.contiguous() for v in (users, pos, neg))
 
 
@@ -489,7 +478,7 @@ def training_bpr_loss_out(
     acc = _acc_dtype(u.dtype)
     rows = torch.zeros(B, dtype=acc, device=u.device)
     if B > 0 and d > 0:
-        with _guard(u):
+        with device_guard(u):
             _bpr_forward_kernel[(triton.cdiv(B, _BLOCK_ROWS),)](
                 rows, u, u.stride(0), i, i.stride(0), ue, _stride0(ue), ie, _stride0(ie), us, ps, ns, B, d,
                 float(weight_decay), ACC=tl.float64 if acc == torch.float64 else tl.float32,
@@ -531,7 +520,7 @@ def training_bpr_loss_backward_out(
         buf.zero_()
     if B > 0 and d > 0:
         ego_bufs = bufs[2:] if ue is not None else [None, None]
-        with _guard(u):
+        with device_guard(u):
             _bpr_backward_kernel[(triton.cdiv(B, _BLOCK_ROWS),)](
                 row_grad, bufs[0], bufs[1], ego_bufs[0], ego_bufs[1],
                 u, u.stride(0), i, i.stride(0), ue, _stride0(ue), ie, _stride0(ie), us, ps, ns, B, d,
@@ -694,7 +683,7 @@ def training_info_nce_out(
     if B > 0:
         acc = tl.float64 if an.dtype == torch.float64 else tl.float32
         blocks = _nce_blocks(B, d)
-        with _guard(a):
+        with device_guard(a):
             _nce_forward_kernel[(triton.cdiv(B, blocks["BM"]),)](rows, an, bn, B, d, float(temperature), ACC=acc,
                                                                  **blocks)
     out.copy_(_reduce(rows, reduction))
@@ -728,7 +717,7 @@ def training_info_nce_backward_out(
         lse = torch.empty(B, dtype=an.dtype, device=a.device)
         acc = tl.float64 if an.dtype == torch.float64 else tl.float32
         blocks = _nce_blocks(B, d)
-        with _guard(a):
+        with device_guard(a):
             _nce_backward_a_kernel[(triton.cdiv(B, blocks["BM"]),)](ga, lse, g, an, bn, B, d, float(temperature),
                                                                     ACC=acc, **blocks)
             _nce_backward_b_kernel[(triton.cdiv(B, blocks["BN"]),)](gb, lse, g, an, bn, B, d, float(temperature),

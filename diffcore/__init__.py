@@ -12,6 +12,7 @@ import torch
 from diffcore import _library, _registry
 from diffcore import compat as compat
 from diffcore import linalg as linalg
+from diffcore import nn as nn
 from diffcore import random as random
 from diffcore import retrieval as retrieval
 from diffcore import sde as sde

@@ -6,7 +6,8 @@
     z          = the given noise, or the Philox stream (seed, offset) at index r * N + j
 
 The meaning is ``diffcore.reference.diffusion.step``; the CPU twin is csrc/cpu/diffusion.cpp. A row
-whose c is 0 (t = 0 of p_step) skips its noise term. One program per (row, block of columns).
+whose c is 0 (t = 0 of p_step) takes no noise (``diffcore.reference.diffusion.noise_term``). One
+program per (row, block of columns).
 """
 
 from __future__ import annotations

@@ -278,8 +278,9 @@ def _p_step_y(x_ptr, x_row_stride, f_ptr, f_row_stride, u_ptr, u_row_stride, z_p
         u = tl.load(u_ptr + r * u_row_stride + cols[None, :], mask=m, other=0.0).to(ACC)
         f = (1.0 + guidance) * f - guidance * u
     y += b[:, None] * f
-    if z_ptr is not None:
-        y += c[:, None] * tl.load(z_ptr + r * z_row_stride + cols[None, :], mask=m, other=0.0).to(ACC)
+    if z_ptr is not None:  # a row whose c is 0 takes no noise (reference.diffusion.noise_term)
+        z = tl.load(z_ptr + r * z_row_stride + cols[None, :], mask=m & (c[:, None] != 0.0), other=0.0)
+        y += c[:, None] * z.to(ACC)
     elif SEEDED:
         z = philox_normal(r * n_cols + cols[None, :], seed_lo, seed_hi, offset)
         y += c[:, None] * tl.where(m & (c[:, None] != 0.0), z, 0.0).to(ACC)

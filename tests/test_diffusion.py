@@ -99,6 +99,22 @@ def test_seeded_p_step_is_the_reference_stream(name, seed, schedule):
 
 
 @pytest.mark.parametrize("name", impl_params("diffusion_step"))
+@pytest.mark.parametrize("noise", ["given", "seeded"])
+def test_rows_without_noise_do_not_read_it(name, noise, schedule):
+    """x0 prediction at t = 0 has (a, b, c) = (0, 1, 0): x_0 = x0_hat. Such a row takes no noise, so
+    NaN and inf in its row of the noise do not reach it (reference.diffusion.noise_term); a row that
+    reads an inf still carries it."""
+    x, m, _, z = make((4, 37), torch.float32, seed=7)
+    t = torch.tensor([0, 3, 0, 5])
+    x[3, 1] = float("inf")
+    z[0, 3], z[2, 0] = float("nan"), float("inf")
+    kw = {"noise": z} if noise == "given" else {"seed": 5}
+    got = run_p_step(name, x, m, t, schedule, **kw)
+    torch.testing.assert_close(got[[0, 2]], m[[0, 2]], rtol=0, atol=0)
+    assert got[1].isfinite().all() and not got[3].isfinite().all()
+
+
+@pytest.mark.parametrize("name", impl_params("diffusion_step"))
 def test_q_sample_matches_reference(name, schedule):
     shape = shapes_for(name)[0]
     x, _, _, z = make(shape, torch.float32, seed=5)

@@ -116,6 +116,24 @@ def test_seeded_steps_are_the_reference_stream(name, seed):
 
 
 @pytest.mark.parametrize("name", impl_params("sde_step"))
+@pytest.mark.parametrize("seeded", [False, True], ids=["given", "seeded"])
+def test_rows_without_noise_do_not_read_it(name, seeded):
+    """A row whose noise coefficient c is 0 takes no noise (reference.diffusion.noise_term): NaN or inf in
+    its row of the given noise do not reach it; out equals x_mean there."""
+    x, s, z = make((3, 37), seed=4)
+    z[0, 1], z[2, 5] = float("nan"), float("inf")
+    coef = torch.tensor([[0.9, 0.1, 0.0, 1.0], [0.9, 0.1, 0.5, 1.0], [0.9, 0.1, 0.0, 1.0]], dtype=torch.float64)
+    noise, seed = (None, 3) if seeded else (z, None)
+    want, want_mean = ref.step(x, s, coef, noise, seed, 0, None)
+    out, mean = torch.empty_like(x), torch.empty_like(x)
+    diffcore.implementations("sde_step")[name](x, s, coef, noise, seed, 0, None, out, mean)
+    assert want[[0, 2]].isfinite().all()
+    torch.testing.assert_close(out[[0, 2]], mean[[0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", impl_params("sde_step"))
 def test_eps_prediction_is_the_converted_score(name):
     sde = make_sde("vp")
     x, eps, z = make(shapes_for(name)[0], seed=2)

@@ -109,6 +109,24 @@ def test_p_step_matches_reference(name, dtype, layout, schedule):
 
 
 @pytest.mark.parametrize("name", impl_params("sphere_p_step"))
+@pytest.mark.parametrize("noise", ["given", "seeded"])
+def test_p_step_rows_without_noise_do_not_read_it(name, noise, schedule):
+    """At t = 0 the step is (a, b, c) = (0, 1, 0): the row is normalize(x0_hat) and takes no noise
+    (NaN and inf in its row of the noise do not reach it); a row that reads an inf still carries it."""
+    g = torch.Generator().manual_seed(7)
+    x, m = (sphere.normalize(torch.randn(4, 37, generator=g)) for _ in range(2))
+    z = torch.randn(4, 37, generator=g)
+    t = torch.tensor([0, 3, 0, 5])
+    x[3, 1] = float("inf")
+    z[0, 3], z[2, 0] = float("nan"), float("inf")
+    kw = {"noise": z} if noise == "given" else {"seed": 5}
+    with diffcore.use(name):
+        got = sphere.p_step(x, m, t, schedule, **kw)
+    torch.testing.assert_close(got[[0, 2]], m[[0, 2]], rtol=1e-6, atol=1e-7)
+    assert got[1].isfinite().all() and not got[3].isfinite().all()
+
+
+@pytest.mark.parametrize("name", impl_params("sphere_p_step"))
 @pytest.mark.parametrize("variance", ["posterior", "beta", "none"])
 def test_p_step_modes(name, variance, schedule):
     x, m, z = rows(65, seed=2)

@@ -171,6 +171,13 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
 
+def noise_term(c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``c z`` for (B, 1) c and (B, N) noise z, with the rows whose c is 0 exactly 0. A fused step
+    neither reads nor draws the noise of such a row (every row at t = 0), so NaN or inf there do not
+    reach the result, as torch.addmm's beta = 0 ignores its input (``c * z`` would give 0 * inf = NaN)."""
+    return torch.where(c == 0, 0.0, c * z)
+
+
 def step(
     x: torch.Tensor,
     f: torch.Tensor | None,
@@ -186,7 +193,8 @@ def step(
     """The fused op ``diffusion_step``: ``a x + b f + c z`` with ``(a, b, c) = float32(table[t])``.
 
     ``f = (1 + w) f - w f_uncond`` with guidance; ``z`` the given noise or the Philox stream
-    ``(seed, offset)`` over the (B, N) output; without t, ``table`` has one row or one per row."""
+    ``(seed, offset)`` over the (B, N) output; without t, ``table`` has one row or one per row.
+    A row whose c is 0 takes no noise: see :func:`noise_term`."""
     from diffcore.reference.random import normal
 
     if t is None:
@@ -202,7 +210,7 @@ def step(
     if f is not None:
         out = out + b * guide(f.float(), None if f_uncond is None else f_uncond.float(), guidance)
     if noise is not None:
-        out = out + c * noise.float()
+        out = out + noise_term(c, noise.float())
     elif seed is not None:
-        out = out + c * normal(x.numel(), seed, offset).reshape(x.shape).to(x.device)
+        out = out + noise_term(c, normal(x.numel(), seed, offset).reshape(x.shape).to(x.device))
     return out.to(x.dtype)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from diffcore.reference.diffusion import noise_term
+
 if TYPE_CHECKING:
     from diffcore.sde import SDE
 
@@ -214,7 +216,7 @@ def step(
 
         s      = k score
         r      = 1, or with snr: snr * mean_r ||z_r|| / mean_r ||s_r||
-        x_mean = a x + b r^2 s,     out = x_mean + c r z
+        x_mean = a x + b r^2 s,     out = x_mean + c r z   (a row whose c is 0 takes no z)
 
     ``z`` the given noise or the Philox stream ``(seed, offset)`` over the (B, N) output, or none.
     Returns ``(out, x_mean)`` in x's dtype."""
@@ -236,7 +238,7 @@ def step(
         ratio = snr * z_norm / s_norm
         bk, c = bk * ratio**2, c * ratio
     mean = a * x32 + bk * s32
-    out = mean if z is None else mean + c * z
+    out = mean if z is None else mean + noise_term(c, z)
     return out.to(x.dtype), mean.to(x.dtype)
 
 

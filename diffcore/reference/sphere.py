@@ -223,7 +223,8 @@ def _p_step_y(
     z: torch.Tensor | None,
     clamp_t: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """The per-row coefficients (a, b, c) (B, 1) and ``y = a x + b f + c z`` in the math dtype."""
+    """The per-row coefficients (a, b, c) (B, 1) and ``y = a x + b f + c z`` in the math dtype (a row
+    whose c is 0 takes no noise: ``diffcore.reference.diffusion.noise_term``)."""
     t = t.expand(x.shape[0])
     if clamp_t:
         t = t.clamp(max=table.shape[0] - 1)
@@ -231,7 +232,7 @@ def _p_step_y(
     a, b, c = (coef[:, k : k + 1] for k in range(3))
     y = a * acc(x) + b * _diffusion.guide(acc(f), None if f_uncond is None else acc(f_uncond), guidance)
     if z is not None:
-        y = y + c * acc(z)
+        y = y + _diffusion.noise_term(c, acc(z))
     return a, b, c, y
 
 

@@ -7,13 +7,12 @@ import contextlib
 
 import torch
 
+from diffcore._checks import FEATURE_DTYPES, dtype_names
+
 
 def device_guard(t: torch.Tensor):
     """The CUDA device of ``t`` as the current device while a kernel launches; nothing on the CPU."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_rows(x: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = FEATURE_DTYPES) -> None:
@@ -21,8 +20,7 @@ def check_rows(x: torch.Tensor, name: str, dtypes: tuple[torch.dtype, ...] = FEA
     if x.dim() != 2:
         raise RuntimeError(f"{name}: expected a 2-D tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
     if x.dtype not in dtypes:
-        names = [str(d).removeprefix("torch.") for d in dtypes]
-        raise RuntimeError(f"{name}: expected {', '.join(names[:-1])} or {names[-1]}, got {x.dtype}")
+        raise RuntimeError(f"{name}: expected {dtype_names(dtypes)}, got {x.dtype}")
 
 
 def check_noise(x: torch.Tensor, noise: torch.Tensor | None, seed: int | None, offset: int) -> None:

@@ -17,8 +17,8 @@
 #include <diffcore/memory.h>
 
 #include <algorithm>
-#include <cmath>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -116,12 +116,10 @@ void diffusion_step_kernel(const StepOperands& op, at::ScalarType dtype) {
     const auto given = segment_fns<T, T, true>(has_f, has_u);
     const auto drawn = segment_fns<T, float, true>(has_f, has_u);
     const auto silent = segment_fns<T, T, false>(has_f, has_u);
-    // An output apart from x and larger than the cache is streamed (stream2): DiffRec's allocating
-    // p_step on 400 x 94,949 took 22.2-22.9 ms with plain stores and 18.0-18.6 ms streamed given
-    // noise, 36.6-37.1 and 32.0-32.4 ms seeded (alternating processes). In place x's lines are in
-    // the cache already when they are written.
-    const bool stream = kCanStream && std::is_same_v<T, float> && op.out != op.x &&
-                        op.rows * op.cols * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+    // A large output apart from x is streamed (stream_output): DiffRec's allocating p_step on
+    // 400 x 94,949 took 22.2-22.9 ms with plain stores and 18.0-18.6 ms streamed given noise,
+    // 36.6-37.1 and 32.0-32.4 ms seeded (alternating processes).
+    const bool stream = stream_output<T>(op.out, op.x, op.rows * op.cols * static_cast<int64_t>(sizeof(T)));
     at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
       alignas(64) float z[kBlock];
       for (int64_t task = begin; task < end; ++task) {

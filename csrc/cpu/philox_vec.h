@@ -82,14 +82,17 @@ inline void write2(T* p, const FVec& lo, const FVec& hi) {
   }
 }
 
-// Outputs written apart from their inputs are streamed from this size on (the cache holds less),
-// in the builds that have non-temporal stores.
-constexpr int64_t kStreamBytes = int64_t{32} << 20;
+// Whether a kernel streams an output of `bytes` (all it writes) of type T: float, in a build that
+// has non-temporal stores, written apart from its input x (in place, x's lines are in the cache
+// already when they are written) and from 32 MiB on (the cache holds less).
+template <typename T>
+inline bool stream_output(const void* out, const void* x, int64_t bytes) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-constexpr bool kCanStream = true;
+  return std::is_same_v<T, float> && out != x && bytes >= (int64_t{32} << 20);
 #else
-constexpr bool kCanStream = false;
+  return false;
 #endif
+}
 
 // Orders a thread's non-temporal stores before what follows (the end of its parallel task).
 inline void stream_fence() {

@@ -25,6 +25,7 @@
 #include <diffcore/cpu_isa.h>
 #include <diffcore/memory.h>
 
+#include <array>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -229,13 +230,12 @@ void sde_step_kernel(const SdeOperands& op, at::ScalarType dtype) {
   DIFFCORE_DISPATCH_FEATURE_TYPES(dtype, "sde_step", [&] {
     using T = scalar_t;
     const bool has_mean = op.mean != nullptr;
-    // Outputs apart from x and larger than the cache go to memory with non-temporal stores: the
-    // allocating corrector + predictor on 65,536 x 128 float32 with given noise took 17.1-17.8 ms
-    // with plain stores and 10.4-12.1 ms with them (alternating processes). In place they are not
-    // used: x's lines are already in the cache when they are written, and streaming them was slower
-    // (8.6-9.5 -> 10.3-10.7 ms).
-    const bool stream = kCanStream && std::is_same_v<T, float> && op.out != op.x &&
-                        op.rows * op.cols * static_cast<int64_t>(sizeof(T)) * (has_mean ? 2 : 1) >= kStreamBytes;
+    // Large outputs apart from x are streamed (stream_output): the allocating corrector +
+    // predictor on 65,536 x 128 float32 with given noise took 17.1-17.8 ms with plain stores and
+    // 10.4-12.1 ms streamed (alternating processes); streaming in place was slower (8.6-9.5 ->
+    // 10.3-10.7 ms).
+    const bool stream = stream_output<T>(op.out, op.x,
+                                         op.rows * op.cols * static_cast<int64_t>(sizeof(T)) * (has_mean ? 2 : 1));
     const auto given = segment_fns<T, T, true>(has_mean);
     const auto drawn = segment_fns<T, float, true>(has_mean);
     const auto silent = segment_fns<T, T, false>(has_mean);

@@ -1,6 +1,4 @@
-// The Philox normal stream (diffcore/philox.h), vectorised for the CPU kernels, and the vector
-// loads and stores of feature rows (load2 / store2, and the non-temporal stream2 for outputs larger
-// than the cache) every CPU kernel shares.
+// The Philox normal stream (diffcore/philox.h), vectorised for the CPU kernels that draw noise.
 //
 // Included only by per-instruction-set kernel files, inside their CPU_CAPABILITY namespace, so each
 // build gets its own copy. The AVX2 and AVX512 builds run kLanes Philox counters at once with
@@ -14,6 +12,7 @@
 #include <diffcore/philox.h>
 
 #include "vec_reduce.h"
+#include "vec_rows.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -27,92 +26,8 @@
 namespace diffcore::cpu {
 inline namespace CPU_CAPABILITY {
 
-using FVec = at::vec::Vectorized<float>;
+using FVec = AVec<float>;
 constexpr int64_t kLanes = FVec::size();
-
-// Two float vectors (2 kLanes elements) from / to float32, float16 or bfloat16 memory.
-template <typename T>
-inline void load2(const T* p, FVec& lo, FVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo = FVec::loadu(p);
-    hi = FVec::loadu(p + kLanes);
-  } else {
-    at::vec::load_to_float<T>(p, lo, hi);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const FVec& lo, const FVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    lo.store(p);
-    hi.store(p + kLanes);
-  } else {
-    at::vec::convert_from_float<T>(lo, hi).store(p);
-  }
-}
-
-// store2 with non-temporal stores where the build has them (float, p aligned to the vector size;
-// other types store2): the lines go to memory without being read first or filling the cache. For
-// outputs that do not fit the cache; a kernel that uses it calls stream_fence() before it returns.
-template <typename T>
-inline void stream2(T* p, const FVec& lo, const FVec& hi) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_stream_ps(p, lo);
-    _mm512_stream_ps(p + kLanes, hi);
-    return;
-  }
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_stream_ps(p, lo);
-    _mm256_stream_ps(p + kLanes, hi);
-    return;
-  }
-#endif
-  store2(p, lo, hi);
-}
-
-// stream2 when kStream, else store2.
-template <bool kStream, typename T>
-inline void write2(T* p, const FVec& lo, const FVec& hi) {
-  if constexpr (kStream) {
-    stream2(p, lo, hi);
-  } else {
-    store2(p, lo, hi);
-  }
-}
-
-// Whether a kernel streams an output of `bytes` (all it writes) of type T: float, in a build that
-// has non-temporal stores, written apart from its input x (in place, x's lines are in the cache
-// already when they are written) and from 32 MiB on (the cache holds less).
-template <typename T>
-inline bool stream_output(const void* out, const void* x, int64_t bytes) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return std::is_same_v<T, float> && out != x && bytes >= (int64_t{32} << 20);
-#else
-  return false;
-#endif
-}
-
-// Orders a thread's non-temporal stores before what follows (the end of its parallel task).
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
-// The elements of a row segment p[0:n] to store plainly before stream2 may write p + h onwards
-// (aligned to the vector size; every other pointer the same kernel streams, q, must then be too):
-// n when there is no such h.
-template <typename T>
-inline int64_t stream_head(const T* p, int64_t n, const T* q = nullptr) {
-  constexpr uintptr_t kAlign = sizeof(float) * kLanes;
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  if (!std::is_same_v<T, float> || a % sizeof(T) != 0) return n;
-  const int64_t h = static_cast<int64_t>((kAlign - a % kAlign) % kAlign / sizeof(T));
-  if (q != nullptr && reinterpret_cast<uintptr_t>(q + h) % kAlign != 0) return n;
-  return std::min(h, n);
-}
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // 32-bit lane operations of one instruction set, named once so the generator is written once.

@@ -45,6 +45,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec_rows.h"
+
 namespace diffcore::cpu {
 
 // One block of rows and items: the scores of rows [r0, r1) for items [b0, b1), row r at
@@ -75,9 +77,6 @@ struct FinishRows {
 
 namespace CPU_CAPABILITY {
 namespace {
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // The least of s[0:n] and, with kMax, the greatest, n >= 1 (no NaN): vector lanes, then the lanes
 // and the tail. Candidates::select takes both per cut, then the least of the kept; as chains of

@@ -284,6 +284,14 @@ def test_op_rejects_bad_arguments():
         op(x, None, 2, torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="col"):
         op(x, None, 2, torch.tensor([0, 1, 1, 2]), torch.tensor([0, 6]))
+    # the ids are checked where each row is sorted, unsorted rows through a sorted copy
+    for col, bad in (([0, 4, 6, 1], "6"), ([0, 4, -2, 1], "-2"), ([0, 9, 2, 1], "9")):
+        with pytest.raises(RuntimeError, match=f"col: expected item ids in \\[0, 6\\), got {bad}"):
+            op(x, None, 2, torch.tensor([0, 1, 3, 4]), torch.tensor(col))
+    col = torch.tensor([[0, 9], [5, 9], [1, 9], [3, 9]])[:, 0]  # strided, row 1 unsorted
+    want = ref.topk(x, None, 2, torch.tensor([0, 1, 3, 4]), col)
+    _assert_exact(op(x, None, 2, torch.tensor([0, 1, 3, 4]), col), want)
+    assert col.tolist() == [0, 5, 1, 3]  # sorted on a copy
     with pytest.raises(RuntimeError, match="both or neither"):
         op(x, None, 2, torch.tensor([0, 1, 1, 2]), None)
     with pytest.raises(RuntimeError, match="items"):

@@ -13,7 +13,7 @@ import torch
 import diffcore
 from diffcore import retrieval
 from diffcore.reference import retrieval as ref
-from tests.utils import impl_params, run_with_isa, strided_rows
+from tests.utils import impl_params, strided_rows
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 IMPLS = impl_params("retrieval_topk")
@@ -104,12 +104,13 @@ def test_tie_rule_and_masked_rows(name, k, as_tuple):
 @pytest.mark.parametrize("scores_kind", ["distinct", "bunched", "infinite"])
 @pytest.mark.parametrize("k", [1, 7, 64, 300])
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "history"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_long_rows_refill_the_candidate_buffer(scores_kind, k, masked, dtype):
     """Rows long enough that the C++ kernel's candidate buffer (2k + 64) fills and is cut back many
     times: distinct scores (the binned cut), scores bunched on a few values (ties across the cut;
     the exact fallback) and +-inf among them; ascending rows make every item a candidate.
-    bfloat16 rows are scanned in chunks of 4,096 converted items (one buffer per task)."""
+    float64 rows are scanned as float64 (half the lanes per vector); bfloat16 rows in chunks of
+    4,096 converted items (one buffer per task)."""
     g = torch.Generator().manual_seed(k)
     B, n = 6, 6000
     scores = torch.randn(B, n, generator=g, dtype=torch.float64).to(dtype)
@@ -137,33 +138,6 @@ def test_a_nan_anywhere_in_a_long_row_raises(where, order):
     for k in (1, 64):
         with pytest.raises(ValueError, match="NaN"):
             _topk("cpu", scores, k)
-
-
-@pytest.mark.parametrize("isa", ["avx2", "default"])
-def test_every_instruction_set_build_agrees(isa):
-    """The scan's vector compare and lane masks differ per build: each build (forced with
-    ATEN_CPU_CAPABILITY, in a fresh process) against the reference on long rows, NaN included."""
-    code = (
-        "import torch, diffcore\n"
-        "from diffcore.reference import retrieval as ref\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "s = torch.randn(5, 3001, generator=g)\n"
-        "s[:, ::211] = float('inf')\n"
-        "crow, col = torch.tensor([0, 0, 40, 40, 90, 300]), torch.randint(0, 3001, (300,), generator=g)\n"
-        "ok = True\n"
-        "for k in (1, 20, 100):\n"
-        "    for x in (s, s.double()):\n"
-        "        got, want = diffcore.retrieval.topk(x, k, exclude=(crow, col)), ref.topk(x, None, k, crow, col)\n"
-        "        ok &= torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])\n"
-        "s[2, 2999] = float('nan')\n"
-        "try:\n"
-        "    diffcore.retrieval.topk(s, 5)\n"
-        "    ok = False\n"
-        "except ValueError:\n"
-        "    pass\n"
-        "print(diffcore._library.cpu_isa(), ok)\n"
-    )
-    assert run_with_isa(isa, code) == [isa.upper(), "True"]
 
 
 @pytest.mark.parametrize("name", IMPLS)

@@ -134,7 +134,7 @@ inline V loss_error(const V& m, const V& x, const V& z, const V& c1, const V& c2
 
 // Sum of e^2 over n elements of one row, or (kGrad) grad = k e with k = -2 s (plain) or s c4,
 // written with non-temporal stores when kStream (grad aligned; see stream2).
-template <typename T, int kMode, bool kGrad, bool kStream = false>
+template <typename T, int kMode, bool kGrad, bool kStream>
 double loss_segment(const T* m, const T* x, const T* z, int64_t n, const float* c, acc_t<T> k, T* grad) {
   using A = acc_t<T>;
   using V = AVec<T>;

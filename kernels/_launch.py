@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from diffcore._checks import FEATURE_DTYPES, dtype_names
+from diffcore._checks import FEATURE_DTYPES, dtype_names, like
 
 
 def device_guard(t: torch.Tensor):
@@ -34,13 +34,13 @@ def check_noise(x: torch.Tensor, noise: torch.Tensor | None, seed: int | None, o
 
 
 def check_like(t: torch.Tensor, x: torch.Tensor, name: str) -> None:
-    """``t`` (named ``name``) on x's device with x's dtype and shape, else a RuntimeError naming it."""
-    if t.device != x.device:
-        raise RuntimeError(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
-    if t.dtype != x.dtype:
-        raise RuntimeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-    if t.shape != x.shape:
-        raise RuntimeError(f"{name}: expected shape {tuple(x.shape)} (the shape of x), got {tuple(t.shape)}")
+    """``t`` (named ``name``) on x's device with x's dtype and shape: the public API's check
+    (``_checks.like``), raised as the RuntimeError a kernel-level check gives (as the C++ kernels'
+    TORCH_CHECKs do)."""
+    try:
+        like(name, t, x, "x")
+    except (TypeError, ValueError) as e:
+        raise RuntimeError(str(e)) from None
 
 
 def _strided_cols(t: torch.Tensor | None) -> bool:

@@ -570,6 +570,25 @@ def test_bad_input_gives_clear_errors(schedule):
             call()
 
 
+def test_kernel_level_operand_checks_name_the_operand(schedule):
+    """Called directly (as the registry does), the Triton launcher checks its operands itself and
+    raises RuntimeError, as the C++ kernel's TORCH_CHECKs do, with the public API's message."""
+    if diffcore.implementations("diffusion_step")["triton"].reason("cpu") is not None:
+        pytest.skip("no Triton here")
+    from diffcore.kernels.diffusion import diffusion_step_out
+
+    x, m, _, z = make((2, 8), torch.float32)
+    table = schedule.p_table("x0", "posterior")
+    t = torch.tensor([1, 2])
+    for kw, match in (
+        (dict(f=m.double()), r"model_out: expected dtype torch.float32 \(the dtype of x\), got torch.float64"),
+        (dict(noise=z[:1]), r"noise: expected shape \(2, 8\) \(the shape of x\), got \(1, 8\)"),
+    ):
+        args = dict(f=m, noise=None) | kw
+        with pytest.raises(RuntimeError, match=match):
+            diffusion_step_out(x, args["f"], None, 0.0, t, table, args["noise"], None, 0, False, torch.empty_like(x))
+
+
 def test_mixed_devices_are_refused(schedule):
     x, m, _, _ = make((2, 4), torch.float32)
     with pytest.raises(ValueError, match="device"):

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_like, check_rows, device_guard, finish, scratch, unit_cols
+from ._launch import check_like, check_noise, check_rows, device_guard, finish, scratch, unit_cols
 from .diffusion import _coefficients, guided_operands
 from .philox import philox_normal, seed_words
 
@@ -435,10 +435,7 @@ def sphere_q_sample_out(
     check_rows(x0, "x0", SPHERE_DTYPES)
     if (noise is None) == (seed is None):
         raise RuntimeError("sphere_q_sample: give exactly one of noise and seed")
-    if noise is not None:
-        check_like(noise, x0, "noise")
-    if offset < 0:
-        raise RuntimeError(f"offset: must be non-negative, got {offset}")
+    check_noise(x0, noise, seed, offset)
     check_like(out, x0, "out")
     rows, cols = x0.shape
     if table.device != x0.device:

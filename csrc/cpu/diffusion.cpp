@@ -132,14 +132,11 @@ void diffusion_step_kernel(const StepOperands& op, at::ScalarType dtype) {
         const T* x = static_cast<const T*>(op.x) + r * op.x_stride + j0;
         const T* f = has_f ? static_cast<const T*>(op.f) + r * op.f_stride + j0 : nullptr;
         const T* u = has_u ? static_cast<const T*>(op.u) + r * op.u_stride + j0 : nullptr;
-        // the head up to the first aligned element plainly, the rest streamed (when stream)
-        const int64_t h = stream ? stream_head(out, n) : n;
         const auto run = [&](const auto& fn, const auto* zr) {
-          fn[0](out, x, f, u, zr, h, a, b, c, op.guidance);
-          if (h < n) {
-            fn[1](out + h, x + h, has_f ? f + h : nullptr, has_u ? u + h : nullptr, zr ? zr + h : zr, n - h, a, b,
-                  c, op.guidance);
-          }
+          stream_parts(stream, out, n, [&](auto streamed, int64_t j, int64_t m) {
+            fn[streamed](out + j, x + j, has_f ? f + j : nullptr, has_u ? u + j : nullptr, zr ? zr + j : zr, m, a,
+                         b, c, op.guidance);
+          });
         };
         if (op.noise != nullptr && c != 0.0f) {
           run(given, static_cast<const T*>(op.noise) + r * op.noise_stride + j0);

@@ -257,11 +257,11 @@ void sde_step_kernel(const SdeOperands& op, at::ScalarType dtype) {
           T* mean = has_mean ? static_cast<T*>(op.mean) + r * op.mean_stride + j0 : nullptr;
           const T* x = static_cast<const T*>(op.x) + r * op.x_stride + j0;
           const T* s = static_cast<const T*>(op.s) + r * op.s_stride + j0;
-          // the head up to the first aligned element plainly, the rest streamed (when stream)
-          const int64_t h = stream ? stream_head(out, n, mean) : n;
           const auto run = [&](const auto& fn, const auto* zr) {
-            fn[0](out, mean, x, s, zr, h, a, b, c);
-            if (h < n) fn[1](out + h, mean ? mean + h : nullptr, x + h, s + h, zr ? zr + h : zr, n - h, a, b, c);
+            const auto part = [&](auto streamed, int64_t j, int64_t m) {
+              fn[streamed](out + j, mean ? mean + j : nullptr, x + j, s + j, zr ? zr + j : zr, m, a, b, c);
+            };
+            stream_parts(stream, out, n, part, static_cast<const T*>(mean));
           };
           if (op.noise != nullptr && c != 0.0f) {
             run(given, static_cast<const T*>(op.noise) + r * op.noise_stride + j0);

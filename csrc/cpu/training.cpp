@@ -212,10 +212,9 @@ void loss_rows(const LossOperands& op) {
         T* g = static_cast<T*>(op.grad) + r * op.cols + j0;
         // plain: d/dm (target - m)^2 = -2 e; likelihood: d/dm e^2 / 2 = c4 e
         const A k = static_cast<A>(mode == kLikelihood ? op.scale[r] * static_cast<double>(c[3]) : -2.0 * op.scale[r]);
-        // the head up to the first aligned element plainly, the rest streamed (when stream)
-        const int64_t h = stream ? stream_head(g, n) : n;
-        loss_mode_segment<T, true, false>(mode, m, x, z, h, c, k, g);
-        if (h < n) loss_mode_segment<T, true, true>(mode, m + h, x + h, z ? z + h : z, n - h, c, k, g + h);
+        stream_parts(stream, g, n, [&](auto streamed, int64_t j, int64_t len) {
+          loss_mode_segment<T, true, decltype(streamed)::value>(mode, m + j, x + j, z ? z + j : z, len, c, k, g + j);
+        });
       } else {
         op.partial[task] = loss_mode_segment<T, false, false>(mode, m, x, z, n, c, A(0), nullptr);
       }

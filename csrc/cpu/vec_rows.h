@@ -125,5 +125,16 @@ inline int64_t stream_head(const T* p, int64_t n, const T* q = nullptr) {
   return std::min(h, n);
 }
 
+// Runs part(streamed, j, m) over the segment out[0:n] a task writes: part(false, 0, h) for the head
+// up to the first aligned element (stream_head; q: a second output written alongside), stored
+// plainly, then part(true, h, n - h) for the rest, streamed. Without stream, part(false, 0, n).
+// streamed is std::false_type or std::true_type, so a part can pick its instantiation with it.
+template <typename T, typename Part>
+inline void stream_parts(bool stream, const T* out, int64_t n, Part&& part, const T* q = nullptr) {
+  const int64_t h = stream ? stream_head(out, n, q) : n;
+  part(std::false_type{}, int64_t{0}, h);
+  if (h < n) part(std::true_type{}, h, n - h);
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace diffcore::cpu

@@ -55,10 +55,12 @@ convention: the entry of largest magnitude of each column of U is positive (scik
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -106,8 +108,9 @@ class RankDeficiencyWarning(UserWarning):
 # --- sparse operands ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Csr:
-    """A sparse (m x n) operator in CSR with its transpose's arrays: ``A[r, c] = rs[r] v[e] cs[c]``
-    (column indices sorted within each row, no repeats).
+    """A sparse (m x n) operator in CSR: ``A[r, c] = rs[r] v[e] cs[c]`` (column indices sorted
+    within each row, no repeats). The CSR arrays of A^T are built when a product with A^T first
+    needs them (a sketch never does: building them took longer than the sketch itself).
 
     ``values``: float32 (also for a float64 matrix whose values are exactly float32, e.g. a binary
     or count matrix) or float64 (otherwise), None for ones. The CSR SpMM kernel takes float32
@@ -118,20 +121,23 @@ class _Csr:
     values: torch.Tensor | None
     row_scale: torch.Tensor | None
     col_scale: torch.Tensor | None
-    t_crow: torch.Tensor
-    t_col: torch.Tensor
-    t_values: torch.Tensor | None
     shape: tuple[int, int]
     dtype: torch.dtype  # of the results
+    make_transpose: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(repr=False)
 
     @property
     def device(self) -> torch.device:
         return self.crow.device
 
+    @functools.cached_property
+    def transpose_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(crow, col, values)`` of A^T, built on first use and kept."""
+        return self.make_transpose()
+
     def matmul(self, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``A X`` (or ``A^T X``, over the transpose's arrays)."""
         arrays = (self.crow, self.col, self.values)
-        t_arrays = (self.t_crow, self.t_col, self.t_values)
+        t_arrays = self.transpose_arrays
         if transpose:
             arrays, t_arrays = t_arrays, arrays
         if self.values is None or self.values.dtype == torch.float32:
@@ -174,20 +180,27 @@ def _real_dtype(name: str, dtype: torch.dtype, hint: str) -> torch.dtype:
     return dtype
 
 
-def _csr(crow, col, values, t_crow, t_col, t_values, shape, dtype) -> _Csr:
+def _csr(crow, col, values, transpose: Callable[[], tuple], shape, dtype) -> _Csr:
     """A :class:`_Csr` from CSR arrays of A (column indices sorted within each row, no repeats) and
-    of A^T: values checked, and stored as None for a binary matrix, float32 when exactly float32."""
+    a function giving those of A^T: values checked, and stored as None for a binary matrix, float32
+    when exactly float32 (A^T's the same way)."""
     m, n = shape
-    if bool((values == 1).all()):
-        values = t_values = None  # a binary matrix (finite): the kernels skip the value loads
-    elif not bool(torch.isfinite(values).all()):
+    # one pass with no temporary (NaN propagates): (values == 1).all() took as long as half a sketch
+    low, high = (float(x) for x in torch.aminmax(values)) if values.numel() else (1.0, 1.0)
+    if low == high == 1:
+        stored = None  # a binary matrix: the kernels skip the value loads
+    elif not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("A: expected finite values, found NaN or Inf in its stored entries")
     elif torch.equal(values.float().to(values.dtype), values):
-        values, t_values = values.float().contiguous(), t_values.float().contiguous()
+        stored = torch.float32
     else:
-        values, t_values = values.contiguous(), t_values.contiguous()
-    return _Csr(crow.long().contiguous(), col.to(_index_dtype(n)).contiguous(), values, None, None,
-                t_crow.long().contiguous(), t_col.to(_index_dtype(m)).contiguous(), t_values, (m, n), dtype)
+        stored = values.dtype
+
+    def arrays(crow, col, values, n_cols):
+        return (crow.long().contiguous(), col.to(_index_dtype(n_cols)).contiguous(),
+                None if stored is None else values.to(stored).contiguous())
+
+    return _Csr(*arrays(crow, col, values, n), None, None, (m, n), dtype, lambda: arrays(*transpose(), m))
 
 
 def _from_torch_sparse(A: torch.Tensor) -> _Csr:
@@ -208,9 +221,12 @@ def _from_torch_sparse(A: torch.Tensor) -> _Csr:
         A = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, tuple(A.shape), check_invariants=False)
     if A.layout == torch.sparse_coo:
         A = A.coalesce().to_sparse_csr()
-    At = A.to_sparse_csc()
-    return _csr(A.crow_indices(), A.col_indices(), A.values(), At.ccol_indices(), At.row_indices(), At.values(),
-                tuple(A.shape), dtype)
+
+    def transpose():
+        At = A.to_sparse_csc()
+        return At.ccol_indices(), At.row_indices(), At.values()
+
+    return _csr(A.crow_indices(), A.col_indices(), A.values(), transpose, tuple(A.shape), dtype)
 
 
 def _from_scipy(A) -> _Csr:
@@ -228,18 +244,16 @@ def _from_scipy(A) -> _Csr:
     else:
         csr = sp.csr_matrix(A, copy=True)  # A itself stays untouched
         csr.sum_duplicates()  # sorts the column indices within rows, sums repeats
-    csc = csr.tocsc()  # the CSR arrays of A^T
 
     def arrays(M):
         return torch.from_numpy(M.indptr.astype(np.int64)), torch.from_numpy(M.indices), torch.from_numpy(M.data)
 
-    return _csr(*arrays(csr), *arrays(csc), tuple(A.shape), dtype)
+    return _csr(*arrays(csr), lambda: arrays(csr.tocsc()), tuple(A.shape), dtype)  # CSC of A: CSR of A^T
 
 
 def _from_adjacency(adj: Adjacency) -> _Csr:
-    t_crow, t_col, t_values = adj._transpose_csr
-    return _Csr(adj.crow_indices, adj.col_indices, adj.values, adj.row_scale, adj.col_scale, t_crow, t_col,
-                t_values, adj.shape, torch.float32)
+    return _Csr(adj.crow_indices, adj.col_indices, adj.values, adj.row_scale, adj.col_scale, adj.shape, torch.float32,
+                lambda: adj._transpose_csr)
 
 
 def _operand(A: object) -> torch.Tensor | _Csr:

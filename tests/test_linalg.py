@@ -634,6 +634,32 @@ def test_non_finite_raises():
                     fn(A)
 
 
+def test_dense_sketch_finds_non_finite_values_without_a_pass_over_a():
+    """The dense kernel finds NaN and Inf from its output blocks: in a column of A that meets
+    only zeros of a sparse Omega (checked on its own), in every tile of Omega and in the last,
+    partial block of rows. A finite A whose product overflows gives Inf, as A @ Omega does."""
+    n = 60
+    zero = torch.nonzero(ref.omega(n, 1, "sparse", 0.05, seed=3)[:, 0] == 0)[0].item()
+    nonzero = torch.nonzero(ref.omega(n, 1, "sparse", 0.05, seed=3)[:, 0])[0].item()
+    for col in (zero, nonzero):
+        A = torch.randn(20, n)
+        A[7, col] = float("nan")
+        with pytest.raises(RuntimeError, match="A: expected finite values, found NaN or Inf"):
+            linalg.random_projection(A, 1, "sparse", seed=3, density=0.05)
+    k = 1024  # float64: tiles of 512 rows of Omega, so 1,100 columns make three
+    for row, col in ((0, 3), (299, 700), (150, 1099)):
+        A = torch.randn(300, 1100, dtype=torch.float64)
+        A[row, col] = float("-inf")
+        with pytest.raises(RuntimeError, match="A: expected finite values, found NaN or Inf"):
+            linalg.sketch(A, k)
+    A = torch.randn(4, 8)
+    A[1] = 3e38
+    out = linalg.sketch(A, 4)
+    expected = A @ ref.omega(8, 4)
+    assert bool(torch.isinf(out[1]).any()) and bool(torch.isinf(expected[1]).any())
+    torch.testing.assert_close(out[[0, 2, 3]], expected[[0, 2, 3]])
+
+
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.float16], ids=lambda d: np.dtype(d).name)
 def test_non_float_dtypes_raise(dtype):
     """Integer, bool and half values, every input form and entry point: a TypeError naming A, the

@@ -178,11 +178,13 @@ def writable(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def out_tensor(out: object, ref: torch.Tensor, others: dict[str, torch.Tensor | None]) -> torch.Tensor:
-    """``out=`` must match ``ref``; it is ``ref`` itself (in place) or shares memory with no input."""
-    out = writable("x_t" if out is ref else "out", like("out", out, ref, "x_t"))
+def out_tensor(out: object, ref: torch.Tensor, others: dict[str, torch.Tensor | None],
+               ref_name: str = "x_t") -> torch.Tensor:
+    """``out=`` must match ``ref`` (named ``ref_name``); it is ``ref`` itself (in place) or shares
+    memory with no input."""
+    out = writable(ref_name if out is ref else "out", like("out", out, ref, ref_name))
     if out is not ref and not torch.compiler.is_compiling():
-        for name, other in {"x_t": ref, **others}.items():
+        for name, other in {ref_name: ref, **others}.items():
             if other is not None and overlaps(out, other):
-                raise ValueError(f"out: must not share memory with {name} (only x_t may be written in place)")
+                raise ValueError(f"out: must not share memory with {name} (only {ref_name} may be written in place)")
     return out

@@ -276,23 +276,24 @@ def _run_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, 
     return out
 
 
-def _step_operands(x_t, model_out, uncond_out, guidance_scale, noise, seed, offset, out):
-    """Checks the operands every step shares; returns the normalised (seed, offset, out)."""
-    _checks.float_tensor("x_t", x_t, ndim=2)
+def _step_operands(x_t, model_out, uncond_out, guidance_scale, noise, seed, offset, out, x_name="x_t"):
+    """Checks the operands every step shares (x_t named ``x_name`` in the messages); returns the
+    normalised (seed, offset, out)."""
+    _checks.float_tensor(x_name, x_t, ndim=2)
     _checks.real("guidance_scale", guidance_scale)
     if model_out is not None:
-        _checks.like("model_out", model_out, x_t, "x_t")
+        _checks.like("model_out", model_out, x_t, x_name)
     if uncond_out is not None:
-        _checks.like("uncond_out", uncond_out, x_t, "x_t")
+        _checks.like("uncond_out", uncond_out, x_t, x_name)
     if guidance_scale != 0.0 and uncond_out is None:
         raise ValueError("guidance_scale: a non-zero scale needs uncond_out (the unconditional model output)")
     if noise is not None:
-        _checks.like("noise", noise, x_t, "x_t")
+        _checks.like("noise", noise, x_t, x_name)
         if seed is not None:
             raise ValueError("noise and seed: give one, not both")
     seed, offset = _checks.seed_offset(seed, offset)
     if out is not None:
-        out = _checks.out_tensor(out, x_t, {"model_out": model_out, "uncond_out": uncond_out, "noise": noise})
+        out = _checks.out_tensor(out, x_t, {"model_out": model_out, "uncond_out": uncond_out, "noise": noise}, x_name)
     return seed, offset, out
 
 
@@ -316,7 +317,7 @@ class _InPlaceSteps:
         self.x = x_t
         self.table = _schedule(schedule, x_t).p_table(prediction, variance)
         self.t_all = torch.arange(schedule.num_steps, device=x_t.device)
-        self.guidance = float(guidance_scale)
+        self.guidance = _checks.real("guidance_scale", guidance_scale)
         self.impl = _registry.forced_for("diffusion_step", x_t.device)
         self.kernel_checks = _checks.cpu_kernel(x_t.device, self.impl)
 
@@ -371,7 +372,7 @@ def q_sample(
     Returns:
         (B, N) in x0's dtype. Differentiable in x0 (and noise).
     """
-    seed, offset, out = _step_operands(x0, None, None, 0.0, noise, seed, offset, out)
+    seed, offset, out = _step_operands(x0, None, None, 0.0, noise, seed, offset, out, "x0")
     schedule = _schedule(schedule, x0)
     t = _checks.timesteps("t", t, x0.shape[0], schedule.num_steps, x0.device)
     if noise is None and seed is None:

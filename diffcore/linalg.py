@@ -8,8 +8,9 @@ offset)`` (DESIGN.md "Noise"; ``diffcore.reference.linalg.omega`` materialises i
 
     gaussian     z_(i k + j)                               standard normal
     rademacher   +1 or -1 from bit 31 of the Philox word   (probability 1/2 each)
-    sparse       Achlioptas: +-sqrt(1 / density) with probability density / 2 each, else 0
-                 (density 1/3 by default: +-sqrt(3) with probability 1/6 each)
+    sparse       Achlioptas: +1 or -1 with probability density / 2 each, else 0 (density 1/3 by
+                 default); random_projection's scale 1 / sqrt(density k) makes the entries
+                 +-sqrt(1 / density) / sqrt(k)
 
 :func:`randomized_svd` is Halko–Martinsson–Tropp's subspace iteration::
 
@@ -44,12 +45,15 @@ vectors (74 -> 80 float32 columns at k = 64), which the SpMM and the GEMMs run m
   Householder QR; the small singular directions drown in rounding after a few iterations
   (scikit-learn uses it for n_iter <= 2).
 
-Nothing is lost silently: when A's numerical rank is below k (numpy's ``matrix_rank`` rule on the
-singular values found), a :class:`RankDeficiencyWarning` says which triplets are rounding noise;
-U and V stay orthonormal. Results are reproducible for a seed, the same for any thread count
-(the (l x l) factorisations and Householder QR run on one thread), and follow one sign
-convention: the entry of largest magnitude of each column of U is positive (scikit-learn's
-``svd_flip``), with V's rows flipped to match.
+Rank deficiency is never silent: when A's numerical rank is below k (numpy's ``matrix_rank`` rule on
+the singular values found), a :class:`RankDeficiencyWarning` says which triplets are rounding noise;
+U and V stay orthonormal. (``normalizer="none"`` is the exception above: what it loses to rounding
+in the power iterations is lost without a warning.) Results are reproducible for a seed at a given
+thread count, and follow one sign convention: the entry of largest magnitude of each column of U is
+positive (scikit-learn's ``svd_flip``), with V's rows flipped to match. Across thread counts the
+sketches, the sparse products and the (l x l) factorisations (on one thread) give the same bits, but
+MKL splits the sums of large tall-skinny GEMMs (Y^T Y; A^T Y for a dense A) by thread count: on a
+3,000 x 500 matrix at k = 20, float32, U, S and Vh at 1 and 2 threads differed by up to 1e-5.
 """
 
 from __future__ import annotations
@@ -292,6 +296,14 @@ def _check_nonempty(shape: tuple[int, ...], what: str) -> None:
         )
 
 
+def _no_grad_needed(name: str, x: object, what: str, instead: str) -> None:
+    """Raises when x requires grad under grad mode: ``what`` has no backward, and its outputs would
+    otherwise carry none (or a wrong one) without a word."""
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: {what} is not differentiable, and {name} requires grad; pass {name}.detach() "
+                         f"(or call it under torch.no_grad()){instead}")
+
+
 # --- sketches -------------------------------------------------------------------------------------
 def _is_int(value: object) -> bool:
     """A Python or numpy integer, not a bool."""
@@ -339,7 +351,8 @@ def sketch(A: object, k: int, seed: int = 0, *, offset: int = 0) -> torch.Tensor
         nonzeros gives zeros.
     Raises:
         ValueError: A is not 2-D, or empty (no rows or no columns: m == 0 or n == 0); k < 1;
-            NaN or Inf in a sparse A's values.
+            NaN or Inf in a sparse A's values; a sparse A that requires grad under grad mode
+            (only a dense A's sketch is differentiable).
         RuntimeError: NaN or Inf in a dense A (found by the kernel, so a compiled graph does
             not break).
         TypeError: A is not one of the types above, or its values are not float32/float64
@@ -389,6 +402,8 @@ def random_projection(
         raise ValueError(f"density: {density!r} is below 2^-24, the resolution of the sparse draw")
     seed, offset = _seed_offset(seed, offset)
     operand = _operand(A)
+    if isinstance(operand, _Csr):
+        _no_grad_needed("A", A, "the sketch of a sparse A", "; a dense A's sketch is differentiable")
     scale = 1.0
     if _scaled:
         scale = 1.0 / math.sqrt(k * (density if kind == "sparse" else 1.0))
@@ -401,9 +416,10 @@ def random_projection(
 # (_one_thread): LAPACK on a matrix this small needs no threads (a parallel region would cost
 # more than the work), one thread gives the same last bits for any torch.get_num_threads, and
 # numpy (OpenBLAS) would start threads of its own that keep spinning after the call: on a
-# 2-core machine, the torch operations of the next ~50 ms then ran 5 to 20 times slower. With
-# MKL's GEMMs also independent of the thread count (they do not split their sums), a seed gives
-# the same result for any torch.get_num_threads.
+# 2-core machine, the torch operations of the next ~50 ms then ran 5 to 20 times slower. The
+# tall-skinny GEMMs are MKL's on torch's threads: once a product is large enough for MKL to split
+# its sum over the long dimension (Y^T Y, and A^T Y for a dense A), the split follows the thread
+# count, so results at different thread counts differ in the last bits (module docstring).
 @contextlib.contextmanager
 def _one_thread():
     """Runs small LAPACK calls and a tall Householder QR on one thread (LAPACK blocks the QR by
@@ -579,13 +595,15 @@ def cholqr2(Y: torch.Tensor) -> torch.Tensor:
     no Cholesky factor can handle falls back to Householder QR. The columns of Q are orthonormal to
     working precision and span Y's columns; never NaN for finite Y. When Y's numerical rank r is
     below n (numpy's ``matrix_rank`` rule), Q's other n - r columns complete its range arbitrarily,
-    and a :class:`RankDeficiencyWarning` says so.
+    and a :class:`RankDeficiencyWarning` says so. Not differentiable: Y that requires grad under
+    grad mode raises ValueError.
     """
     if not isinstance(Y, torch.Tensor) or Y.layout != torch.strided:
         raise TypeError(f"Y: expected a dense torch.Tensor, got {type(Y).__name__}")
     if Y.dim() != 2 or Y.shape[0] < Y.shape[1]:
         raise ValueError(f"Y: expected a tall 2-D matrix (m >= n), got shape {tuple(Y.shape)}")
     _real_dtype("Y", Y.dtype, "")
+    _no_grad_needed("Y", Y, "cholqr2", "; torch.linalg.qr gives gradients")
     if not bool(torch.isfinite(Y).all()):
         raise ValueError("Y: expected finite values, found NaN or Inf")
     Q, R, _, _ = _cholqr2(Y)
@@ -772,11 +790,13 @@ def randomized_svd(
         orthonormalisation fell back to Householder QR.
     Raises:
         ValueError: A is not 2-D, or empty (m == 0 or n == 0); k is not an int in
-            [1, min(m, n)]; NaN or Inf in A; a bad oversample, n_iter or normalizer.
+            [1, min(m, n)]; NaN or Inf in A; a bad oversample, n_iter or normalizer; A requires
+            grad under grad mode (not differentiable: its factorisations run on detached copies).
         TypeError: A is not one of the types above, or its values are not float32/float64
             (integer, bool, half: convert first).
     """
     operand = _operand(A)
+    _no_grad_needed("A", A, "randomized_svd", "; torch.svd_lowrank gives gradients")
     m, n = operand.shape
     dtype = operand.dtype
     if not _is_int(k) or not 1 <= k <= min(m, n):

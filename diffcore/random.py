@@ -30,7 +30,7 @@ def _stream(seed: int, offset: int) -> tuple[int, int]:
 
 def randn_(out: torch.Tensor, *, seed: int, offset: int = 0) -> torch.Tensor:
     """Fills ``out`` (any shape; float32, float16 or bfloat16) with the stream; returns ``out``."""
-    _checks.float_tensor("out", out)
+    _checks.writable("out", _checks.float_tensor("out", out))
     seed, offset = _stream(seed, offset)
     impl = _registry.forced_for("random_normal", out.device)
     if impl is None:

@@ -81,7 +81,9 @@ def topk(
         ``(values, indices)``, both (B, k): scores in descending order (ties: lower item id first)
         and int64 item ids. Not differentiable.
     Raises:
-        ValueError on NaN scores (from the kernel: NaN or Inf in queries or items make them).
+        ValueError on NaN scores (found by the kernel: NaN in the queries or items makes them, and
+        so does an Inf that meets a zero or an Inf of the other sign); an infinite score is ranked
+        as the value it is. No items (n_items == 0) raises ValueError too.
     """
     x = _checks.float_tensor("scores_or_queries", scores_or_queries, ndim=2, dtypes=_DTYPES)
     if items is not None:
@@ -92,6 +94,9 @@ def topk(
                 f"{tuple(items.shape)} {items.dtype} on {items.device}"
             )
     n_items = x.shape[1] if items is None else items.shape[0]
+    if n_items == 0:
+        raise ValueError(f"{'items' if items is not None else 'scores_or_queries'}: expected at least one item, got "
+                         f"shape {tuple((x if items is None else items).shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_items:
         raise ValueError(f"k: expected an int in [1, {n_items}], got {k!r}")
     crow, col = _history(exclude, x.shape[0], n_items, x.device)

@@ -424,7 +424,7 @@ def _operands(x, score, noise, seed, offset, out, mean_out):
     seed, offset = _checks.seed_offset(seed, offset)
     inputs = {"score": score, "noise": noise}
     if out is not None:
-        _checks.writable("out", _checks.like("out", out, x, "x"))
+        _checks.writable("x" if out is x else "out", _checks.like("out", out, x, "x"))
         _no_overlap("out", out, {**({} if out is x else {"x": x}), **inputs, "mean_out": mean_out})
     if mean_out is not None:
         _checks.writable("mean_out", _checks.like("mean_out", mean_out, x, "x"))
@@ -515,7 +515,7 @@ def sde_forward(
             raise ValueError("noise and seed: give one, not both")
     seed, offset = _checks.seed_offset(seed, offset)
     if out is not None:
-        _checks.writable("out", _checks.like("out", out, x0, "x0"))
+        _checks.writable("x0" if out is x0 else "out", _checks.like("out", out, x0, "x0"))
         if out is not x0:
             _no_overlap("out", out, {"x0": x0, "noise": noise})
     sde = _sde(sde, x0)
@@ -718,7 +718,7 @@ def probability_flow_step(
     _checks.float_tensor("x", x, ndim=2)
     _checks.like("score", score, x, "x")
     if out is not None:
-        _checks.writable("out", _checks.like("out", out, x, "x"))
+        _checks.writable("x" if out is x else "out", _checks.like("out", out, x, "x"))
         _no_overlap("out", out, {**({} if out is x else {"x": x}), "score": score})
     sde = _sde(sde, x)
     t, dt = _times("t", t, x, sde), _step_dt(dt)
@@ -790,7 +790,7 @@ def pc_sample(
     _choice("prediction", prediction, PREDICTIONS)
     if corrector == "langevin" and corrector_steps > 0:
         snr = _positive("snr", snr, "snr > 0 (the corrector's signal-to-noise ratio)")
-    eps = float(eps)
+    eps = _checks.real("eps", eps)
     if not 0.0 < eps < sde.T:
         raise ValueError(f"eps: expected 0 < eps < {sde.T}, so the times decrease from {sde.T} to eps; got {eps}")
     seed, offset = _checks.seed_offset(seed, offset)

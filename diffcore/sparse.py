@@ -604,5 +604,5 @@ def _layer_weights(combine: object, num_layers: int) -> list[float]:
         raise ValueError(f"combine: expected one of {COMBINES} or a sequence of num_layers + 1 floats, got {combine!r}")
     if len(combine) != num_layers + 1:
         raise ValueError(f"combine: expected {num_layers + 1} layer weights (num_layers + 1), got {len(combine)}")
-    return [float(w) for w in combine]
+    return [_checks.real(f"combine[{i}]", w) for i, w in enumerate(combine)]
 

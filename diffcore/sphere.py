@@ -173,9 +173,9 @@ def _noise_operands(
 
 
 def _out_operand(
-    out: torch.Tensor | None, x: torch.Tensor, others: dict[str, torch.Tensor | None]
+    out: torch.Tensor | None, x: torch.Tensor, others: dict[str, torch.Tensor | None], x_name: str
 ) -> torch.Tensor | None:
-    return None if out is None else _checks.out_tensor(out, x, others)
+    return None if out is None else _checks.out_tensor(out, x, others, x_name)
 
 
 def q_sample(
@@ -203,7 +203,7 @@ def q_sample(
     """
     _rows("x0", x0)
     seed, offset = _noise_operands(x0, noise, seed, offset, "x0")
-    out = _out_operand(out, x0, {"noise": noise})
+    out = _out_operand(out, x0, {"noise": noise}, "x0")
     schedule = _schedule(schedule, x0)
     t = _checks.timesteps("t", t, x0.shape[0], schedule.num_steps, x0.device)
     if noise is None and seed is None:
@@ -251,7 +251,7 @@ def p_step(
     if _checks.real("guidance_scale", guidance_scale) != 0.0 and uncond_out is None:
         raise ValueError("guidance_scale: a non-zero scale needs uncond_out (the unconditional model output)")
     seed, offset = _noise_operands(x_t, noise, seed, offset, "x_t")
-    out = _out_operand(out, x_t, {"model_out": model_out, "uncond_out": uncond_out, "noise": noise})
+    out = _out_operand(out, x_t, {"model_out": model_out, "uncond_out": uncond_out, "noise": noise}, "x_t")
     schedule = _schedule(schedule, x_t)
     t = _checks.timesteps("t", t, x_t.shape[0], schedule.num_steps, x_t.device, clamp=clamp_t)
     table = schedule.p_table(prediction, variance)

@@ -19,6 +19,7 @@ Each call goes to the dispatcher (C++ on CPU, Triton on CUDA), or to the impleme
 
 from __future__ import annotations
 
+import math
 from typing import Sequence, overload
 
 import torch
@@ -378,7 +379,7 @@ def bpr_loss(
         float64). Differentiable in every table.
     """
     _choice("reduction", reduction, REDUCTIONS)
-    weight_decay = float(weight_decay)
+    weight_decay = _checks.real("weight_decay", weight_decay, _checks.finite_non_negative, "a finite weight_decay >= 0")
     if len(operands) == 3:
         names = ("user_emb", "pos_emb", "neg_emb")
         user_emb, pos_emb, neg_emb = (_embedding_rows(n, v) for n, v in zip(names, operands))
@@ -471,11 +472,10 @@ def info_nce(
     if isinstance(b, torch.Tensor) and b.dim() == 2 and b.shape[0] != a.shape[0]:
         raise ValueError(f"b: expected {a.shape[0]} rows (the batch of a), got {b.shape[0]}")
     _checks.like("b", b, a, "a")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature: expected a positive float, got {temperature!r}")
+    temperature = _checks.real("temperature", temperature, lambda v: 0 < v < math.inf, "a positive float (finite)")
     _choice("similarity", similarity, SIMILARITIES)
     _choice("reduction", reduction, REDUCTIONS)
-    args = (float(temperature), similarity == "cosine", reduction)
+    args = (temperature, similarity == "cosine", reduction)
     loss = _run("training_info_nce", a, b, *args)
     if symmetric:
         loss = 0.5 * (loss + _run("training_info_nce", b, a, *args))

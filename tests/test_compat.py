@@ -417,6 +417,15 @@ def test_samplers_step_in_place_safely(sampler):
         run(lambda x, c, t: x[:, :-1], False)
 
 
+def test_dreamrec_guidance_scale_is_checked():
+    """A NaN, infinite or non-number scale raises at construction, with or without grad (the
+    in-place loop under no_grad used to run it into NaN rows)."""
+    schedule = diffcore.Schedule.linear_var(8, 1.0, 1e-4, 0.02)
+    for w, error in ((float("nan"), ValueError), (float("inf"), ValueError), ("2", TypeError)):
+        with pytest.raises(error, match="guidance_scale: expected a finite number"):
+            diffcore.nn.DreamRecSampler(lambda x, c, t: x, schedule, w)
+
+
 def test_diffrec_accelerate_needs_integer_steps():
     diffusion = _diffusion()
     diffusion.steps = 5.5

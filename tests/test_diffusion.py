@@ -561,6 +561,11 @@ def bad_cases(schedule):
          RuntimeError, r"t_prev: every t_prev must lie in \[-1, t\)"),
         (lambda: diffcore.sample(lambda x, t: x, x, schedule, steps=41), ValueError, "steps"),
         (lambda: diffcore.q_sample(x, 1, schedule, seed=2**64), ValueError, "seed"),
+        (lambda: diffcore.q_sample(x.long(), 1, schedule), TypeError, "x0: expected float32"),
+        (lambda: diffcore.q_sample(x, 1, schedule, out=torch.empty(4, 9)), ValueError,
+         r"out: expected shape \(4, 10\) \(the shape of x0\)"),
+        (lambda: diffcore.q_sample(e := x[:1].expand(4, -1), 1, schedule, out=e, seed=0), ValueError,
+         "x0: more than one of its elements refers to the same memory location"),
     ]
 
 

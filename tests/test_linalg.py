@@ -3,7 +3,7 @@ kind of Omega, dtypes, layouts, odd shapes, offsets), Omega's definition, random
 norms, randomized_svd's accuracy contract (synthetic spectra and a Gowalla-shaped interaction
 matrix, against a full SVD or scipy's svds and scikit-learn's randomized_svd at the same k,
 oversampling and iterations; the comparisons with scikit-learn skip without it),
-orthonormality, the sign convention, reproducibility across thread counts, CholeskyQR2's
+orthonormality, the sign convention, reproducibility (across thread counts for small matrices), CholeskyQR2's
 fallbacks, the memory of a sketch (Omega is never stored), gradients, opcheck, one compile and
 bad input for every input form (empty, not 2-D, non-finite, non-float, bad k)."""
 
@@ -459,7 +459,9 @@ def test_orthonormal_float32(normalizer, one_thread):
 
 def test_sign_convention_and_reproducibility():
     """The largest-magnitude entry of each column of U is positive; the same seed gives the same
-    result for any thread count, another seed another Omega."""
+    result at 1 and 2 threads for matrices this small (MKL keeps their GEMMs on one thread; larger
+    ones differ in the last bits across thread counts, as the module docstring says), another
+    seed another Omega."""
     A = synthetic(200, 150, 0.8 ** np.arange(100), seed=4, dtype=torch.float32)
     R = interactions(400, 300, 3000, seed=6)
     threads = torch.get_num_threads()
@@ -632,6 +634,30 @@ def test_non_finite_raises():
                 error = RuntimeError if form == "dense" and name != "randomized_svd" else ValueError
                 with pytest.raises(error, match="A: expected finite values, found NaN or Inf"):
                     fn(A)
+
+
+def test_what_has_no_backward_refuses_inputs_that_require_grad():
+    """randomized_svd, cholqr2 and the sketch of a sparse A have no backward: an input that
+    requires grad raises under grad mode (it used to give wrong or silently missing gradients);
+    under no_grad they run, and a dense A's sketch stays differentiable."""
+    D = torch.randn(8, 5, dtype=torch.float64)
+    cases = [
+        (lambda A: linalg.randomized_svd(A, 3), D, "A: randomized_svd is not differentiable"),
+        (cholqr2_fn := lambda Y: linalg.cholqr2(Y), D, "Y: cholqr2 is not differentiable"),
+        (lambda A: linalg.sketch(A, 3), D.to_sparse(), "A: the sketch of a sparse A is not differentiable"),
+        (lambda A: linalg.random_projection(A, 3, "rademacher"), D.to_sparse_csr(),
+         "A: the sketch of a sparse A is not differentiable"),
+    ]
+    for fn, A, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fn(A.clone().requires_grad_())
+        with torch.no_grad():
+            out = fn(A.clone().requires_grad_())
+        assert not any(t.requires_grad for t in (out if isinstance(out, tuple) else (out,)))
+    assert cholqr2_fn(D).shape == (8, 5)
+    A = D.clone().requires_grad_()
+    linalg.sketch(A, 3).sum().backward()
+    torch.testing.assert_close(A.grad, ref.omega(5, 3, dtype=torch.float64).sum(1).expand(8, 5), rtol=1e-6, atol=1e-6)
 
 
 def test_dense_sketch_finds_non_finite_values_without_a_pass_over_a():

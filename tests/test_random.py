@@ -126,3 +126,5 @@ def test_bad_dtype():
         diffcore.random.randn_(torch.empty(3, dtype=torch.int32), seed=1)
     with pytest.raises(TypeError, match="out: expected float32"):
         diffcore.random.randn_(torch.empty(3, dtype=torch.float64), seed=1)
+    with pytest.raises(ValueError, match="out: more than one of its elements refers to the same memory location"):
+        diffcore.random.randn_(torch.empty(1, 4).expand(3, 4), seed=1)

@@ -205,6 +205,10 @@ def test_rejects_bad_arguments():
         retrieval.topk(scores, 7)
     with pytest.raises(ValueError, match="k:"):
         retrieval.topk(scores, 0)
+    with pytest.raises(ValueError, match=r"scores_or_queries: expected at least one item, got shape \(3, 0\)"):
+        retrieval.topk(scores[:, :0], 1)
+    with pytest.raises(ValueError, match=r"items: expected at least one item, got shape \(0, 4\)"):
+        retrieval.topk(torch.randn(3, 4), 1, items=torch.randn(0, 4))
     with pytest.raises(ValueError, match="items"):
         retrieval.topk(torch.randn(3, 4), 2, items=torch.randn(6, 5))
     with pytest.raises(ValueError, match="items"):

@@ -475,6 +475,9 @@ def test_bad_calls():
         sparse.propagate(adj, x, 2, [1.0, 2.0])
     with pytest.raises(ValueError, match="combine: expected one of"):
         sparse.propagate(adj, x, 2, "max")
+    for w in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="combine\\[1\\]: expected a finite number"):
+            sparse.propagate(adj, x, 2, [1.0, w, 1.0])
     with pytest.raises(ValueError, match="W: expected shape \\(4, d_out\\)"):
         sparse.gcn_layer(adj, x, torch.randn(5, 2))
     with pytest.raises(TypeError, match="W: expected dtype torch.float32"):

@@ -438,6 +438,8 @@ def test_timesteps_out_of_range_raise(name, schedule):
      "prediction: expected one of"),
     (lambda x: sphere.p_step_(x, x.clone(), 1, SCHEDULE, out=x), TypeError, "takes no out="),
     (lambda x: sphere.q_sample(x, 1, SCHEDULE, seed=-1 - 2**63), ValueError, "seed: expected an int in"),
+    (lambda x: sphere.q_sample(e := x[:1].expand(4, -1), 1, SCHEDULE, seed=0, out=e), ValueError,
+     "x0: more than one of its elements refers to the same memory location"),
 ])
 def test_bad_input(call_it, error, match):
     with pytest.raises(error, match=match):

@@ -557,6 +557,12 @@ def bad_calls(schedule):
         (lambda: info_nce(U, I, 0.2), ValueError, "b: expected 11 rows"),
         (lambda: info_nce(U, U0, 0.0), ValueError, "temperature: expected a positive float"),
         (lambda: info_nce(U, U0, -1.0), ValueError, "temperature"),
+        (lambda: info_nce(U, U0, float("inf")), ValueError, "temperature: expected a positive float"),
+        (lambda: info_nce(U, U0, "0.2"), TypeError, "temperature: expected a positive float"),
+        (lambda: bpr_loss((U, I), users, pos, neg, weight_decay=float("nan")), ValueError,
+         "weight_decay: expected a finite weight_decay >= 0, got nan"),
+        (lambda: bpr_loss((U, I), users, pos, neg, weight_decay=-1e-4), ValueError, "weight_decay: expected"),
+        (lambda: bpr_loss((U, I), users, pos, neg, weight_decay="1e-4"), TypeError, "weight_decay: expected"),
         (lambda: info_nce(U, U0, 0.2, similarity="l2"), ValueError, "similarity: expected one of"),
         (lambda: info_nce(U, U0[:, :3], 0.2), ValueError, "b: expected shape"),
     ]

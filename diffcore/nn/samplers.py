@@ -74,7 +74,7 @@ class DreamRecSampler(_Sampler):
         prediction: str = "x0",
     ) -> None:
         super().__init__(denoiser, schedule)
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = _checks.real("guidance_scale", guidance_scale)
         self.batched = bool(batched)
         self.prediction = prediction
 

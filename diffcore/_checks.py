@@ -27,6 +27,19 @@ def float_tensor(
     return x
 
 
+def is_int(value: object) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def integer(name: str, value: object, ok: Callable[[int], bool], what: str) -> int:
+    """A Python or numpy integer (not a bool) as an int: ValueError naming ``what`` unless it is
+    one and ``ok(value)``."""
+    if not is_int(value) or not ok(int(value)):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return int(value)
+
+
 def finite_non_negative(v: float) -> bool:
     """The ``ok`` of :func:`real` for a finite value >= 0."""
     return v >= 0 and math.isfinite(v)
@@ -69,9 +82,10 @@ def timesteps(
     """An int or an integer tensor of shape (rows,), (1,) or (); returned as int64 (rows,) or (1,).
 
     Ints are range-checked here; tensor values are checked by the kernel."""
-    if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+    if not (is_int(t) or isinstance(t, torch.Tensor)):
         raise TypeError(f"{name}: expected an int or an int64 tensor, got {type(t).__name__}")
-    if isinstance(t, int):
+    if is_int(t):
+        t = int(t)
         if t < 0 or (t >= num_steps and not clamp):
             raise ValueError(f"{name}: expected a timestep in [0, {num_steps}), got {t}")
         return torch.full((1,), min(t, num_steps - 1), dtype=torch.long, device=device)
@@ -123,14 +137,16 @@ def seed_offset(seed: int | None, offset: int) -> tuple[int | None, int]:
     ``torch.manual_seed`` takes it; that is also the form this function returns, so a normalised
     seed passes through it again unchanged."""
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        seed = int(seed)
         if not -(1 << 63) <= seed < _U64:
             raise ValueError(f"seed: expected an int in [0, 2**64) (or [-2**63, 0), taken as its two's complement), "
                              f"got {seed}")
         seed = seed - _U64 if seed >= 1 << 63 else seed
-    if isinstance(offset, bool) or not isinstance(offset, int):
+    if not is_int(offset):
         raise TypeError(f"offset: expected an int, got {type(offset).__name__}")
+    offset = int(offset)
     if not 0 <= offset < 1 << 63:
         raise ValueError(f"offset: expected an int in [0, 2**63), got {offset}")
     return seed, offset

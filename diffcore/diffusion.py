@@ -515,8 +515,7 @@ def sample(
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule: expected a diffcore.Schedule, got {type(schedule).__name__}")
     T = schedule.num_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= T:
-        raise ValueError(f"steps: expected an int in [0, {T}], got {steps!r}")
+    steps = _checks.integer("steps", steps, lambda v: 0 <= v <= T, f"an int in [0, {T}]")
     seed, offset = _checks.seed_offset(seed, offset)
     B = x_start.shape[0]
     t_all = torch.arange(T, device=x_start.device)

@@ -61,15 +61,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from diffcore import (
+    _checks,
     _library,  # noqa: F401  (defines the ops)
     _registry,
 )
@@ -305,23 +304,10 @@ def _no_grad_needed(name: str, x: object, what: str, instead: str) -> None:
 
 
 # --- sketches -------------------------------------------------------------------------------------
-def _is_int(value: object) -> bool:
-    """A Python or numpy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
-
-
 def _seed_offset(seed: object, offset: object) -> tuple[int, int]:
-    from diffcore._checks import seed_offset
-
     if seed is None:
         raise TypeError("seed: expected an int, got None")
-    return seed_offset(seed, offset)
+    return _checks.seed_offset(seed, offset)
 
 
 def _apply_sketch(A: torch.Tensor | _Csr, k: int, kind: str, density: float, scale: float, seed: int,
@@ -389,7 +375,7 @@ def random_projection(
         As :func:`sketch` (A not 2-D, empty, non-finite or not float32/float64; k < 1), and
         ValueError for an unknown kind or a density outside (0, 1] or given with another kind.
     """
-    k = _positive_int("k", k)
+    k = _checks.integer("k", k, lambda v: v >= 1, "a positive int")
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     if density is None:
@@ -739,9 +725,7 @@ def _small_svd(operand: torch.Tensor | _Csr, Y: torch.Tensor, M: torch.Tensor | 
 def _n_iter(n_iter: object, k: int, m: int, n: int) -> int:
     if n_iter == "auto":  # scikit-learn's rule (7 was found a good compromise for PCA)
         return 7 if k < 0.1 * min(m, n) else 4
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter: expected 'auto' or a non-negative int, got {n_iter!r}")
-    return n_iter
+    return _checks.integer("n_iter", n_iter, lambda v: v >= 0, "'auto' or a non-negative int")
 
 
 def _matmul(A: torch.Tensor | _Csr, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -799,11 +783,9 @@ def randomized_svd(
     _no_grad_needed("A", A, "randomized_svd", "; torch.svd_lowrank gives gradients")
     m, n = operand.shape
     dtype = operand.dtype
-    if not _is_int(k) or not 1 <= k <= min(m, n):
-        raise ValueError(f"k: expected an int in [1, min(m, n)] = [1, {min(m, n)}] for A of shape {(m, n)}, got {k!r}")
-    k = int(k)
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"oversample: expected a non-negative int, got {oversample!r}")
+    k = _checks.integer("k", k, lambda v: 1 <= v <= min(m, n),
+                        f"an int in [1, min(m, n)] = [1, {min(m, n)}] for A of shape {(m, n)}")
+    oversample = _checks.integer("oversample", oversample, lambda v: v >= 0, "a non-negative int")
     if not isinstance(normalizer, str) or normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer: expected one of {NORMALIZERS}, got {normalizer!r}")
     q = _n_iter(n_iter, k, m, n)

@@ -50,8 +50,9 @@ def randn(
     """A new tensor of ``shape`` holding elements ``0 .. numel-1`` of the stream ``(seed, offset)``."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
         shape = tuple(shape[0])
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+    if not all(_checks.is_int(s) and s >= 0 for s in shape):
         raise ValueError(f"shape: expected non-negative ints, got {shape}")
+    shape = tuple(int(s) for s in shape)
     # torch's default device (torch.set_default_device), read off an empty tensor: a compiled graph
     # can trace that, not torch.get_default_device().
     device = torch.empty(0).device if device is None else torch.device(device)

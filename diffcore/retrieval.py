@@ -97,8 +97,7 @@ def topk(
     if n_items == 0:
         raise ValueError(f"{'items' if items is not None else 'scores_or_queries'}: expected at least one item, got "
                          f"shape {tuple((x if items is None else items).shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_items:
-        raise ValueError(f"k: expected an int in [1, {n_items}], got {k!r}")
+    k = _checks.integer("k", k, lambda v: 1 <= v <= n_items, f"an int in [1, {n_items}]")
     crow, col = _history(exclude, x.shape[0], n_items, x.device)
     with torch.no_grad():
         impl = _registry.forced_for("retrieval_topk", x.device)

@@ -781,10 +781,8 @@ def pc_sample(
     _checks.float_tensor("x_init", x_init, ndim=2)
     sde = _sde(sde, x_init)
     n_steps = sde.N if n_steps is None else n_steps
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps: expected a positive int, got {n_steps!r}")
-    if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
-        raise ValueError(f"corrector_steps: expected an int >= 0, got {corrector_steps!r}")
+    n_steps = _checks.integer("n_steps", n_steps, lambda v: v >= 1, "a positive int")
+    corrector_steps = _checks.integer("corrector_steps", corrector_steps, lambda v: v >= 0, "an int >= 0")
     _choice("predictor", predictor, PREDICTORS)
     _choice("corrector", corrector, CORRECTORS)
     _choice("prediction", prediction, PREDICTIONS)

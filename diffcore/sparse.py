@@ -367,8 +367,7 @@ def propagate(
         (n, d) in E0's dtype. Differentiable in E0 (the backward propagates over ``A_hat^T``).
     """
     E0 = _features("E0", E0, adj)
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
-        raise ValueError(f"num_layers: expected a non-negative int, got {num_layers!r}")
+    num_layers = _checks.integer("num_layers", num_layers, lambda v: v >= 0, "a non-negative int")
     weights = _layer_weights(combine, num_layers)
     impl = _registry.forced_for("sparse_propagate", E0.device)
     if impl is None:
@@ -422,9 +421,7 @@ def _choice(name: str, value: object, options: tuple[str, ...]) -> None:
 
 
 def _count(name: str, n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {n!r}")
-    return n
+    return _checks.integer(name, n, lambda v: v >= 0, "a non-negative int")
 
 
 def _square(shape: tuple[int, ...]) -> None:

@@ -195,9 +195,8 @@ class TimestepSampler:
         uniform_prob: float = UNIFORM_PROB,
         device: torch.device | str = "cpu",
     ) -> None:
-        for name, value in (("steps", steps), ("history", history)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        steps, history = (_checks.integer(name, value, lambda v: v >= 1, "a positive int")
+                          for name, value in (("steps", steps), ("history", history)))
         _choice("kind", kind, SAMPLERS)
         uniform_prob = _checks.real("uniform_prob", uniform_prob, lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]")
         self.steps, self.kind, self.uniform_prob = steps, kind, uniform_prob
@@ -265,8 +264,7 @@ class TimestepSampler:
                 (all losses 0, NaN/inf, squares overflowing float64); on CUDA checked only once,
                 when the warm-up ends (see ``_check_distribution``).
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-            raise ValueError(f"batch_size: expected a non-negative int, got {batch_size!r}")
+        batch_size = _checks.integer("batch_size", batch_size, lambda v: v >= 0, "a non-negative int")
         if seed is not None:
             if generator is not None:
                 raise ValueError("generator and seed: give one, not both")

@@ -569,6 +569,15 @@ def bad_cases(schedule):
     ]
 
 
+def test_numpy_integers_are_ints(schedule):
+    """Timesteps, steps, seeds and offsets given as numpy integers act as the Python ints."""
+    x, m, _, _ = make((4, 10), torch.float32, seed=3)
+    torch.testing.assert_close(diffcore.p_step(x, m, np.int64(7), schedule, seed=np.uint64(5), offset=np.int32(2)),
+                               diffcore.p_step(x, m, 7, schedule, seed=5, offset=2), rtol=0, atol=0)
+    torch.testing.assert_close(diffcore.sample(lambda x, t: m, x, schedule, steps=np.int64(3), seed=np.int64(1)),
+                               diffcore.sample(lambda x, t: m, x, schedule, steps=3, seed=1), rtol=0, atol=0)
+
+
 def test_bad_input_gives_clear_errors(schedule):
     for call, error, match in bad_cases(schedule):
         with pytest.raises(error, match=match):

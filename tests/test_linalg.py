@@ -604,7 +604,8 @@ def test_bad_k_raises():
             with pytest.raises(ValueError, match="k: expected a positive int"):
                 linalg.random_projection(A, k, "rademacher")
         assert linalg.sketch(A, n + 5).shape == (m, n + 5), form
-    U, S, Vh = linalg.randomized_svd(operands["dense"], np.int64(3))
+    U, S, Vh = linalg.randomized_svd(operands["dense"], np.int64(3), oversample=np.int32(2), n_iter=np.int64(1),
+                                     seed=np.uint32(4))
     assert U.shape == (10, 3) and S.shape == (3,) and Vh.shape == (3, 8)
     assert linalg.sketch(operands["scipy_csr"], np.int32(4)).shape == (10, 4)
 

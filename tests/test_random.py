@@ -119,6 +119,13 @@ def test_bad_arguments(kwargs, error, match):
         diffcore.random.randn(4, **kwargs)
 
 
+def test_numpy_integers_are_ints():
+    import numpy as np
+
+    assert torch.equal(diffcore.random.randn(np.int64(3), 5, seed=np.int64(7), offset=np.uint8(1)),
+                       diffcore.random.randn(3, 5, seed=7, offset=1))
+
+
 def test_bad_dtype():
     with pytest.raises(TypeError, match="dtype: expected float32, float16 or bfloat16, got torch.float64"):
         diffcore.random.randn(3, seed=1, dtype=torch.float64)

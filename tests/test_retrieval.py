@@ -201,6 +201,7 @@ def test_inputs_requiring_grad_on_two_threads(name):
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_rejects_bad_arguments():
     scores = torch.randn(3, 6)
+    assert torch.equal(retrieval.topk(scores, np.int64(2))[1], retrieval.topk(scores, 2)[1])  # numpy ints are ints
     with pytest.raises(ValueError, match="k:"):
         retrieval.topk(scores, 7)
     with pytest.raises(ValueError, match="k:"):

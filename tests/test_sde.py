@@ -563,6 +563,7 @@ def bad_cases():
          "out: more than one of its elements"),
         (lambda: S.pc_sample(lambda x, t: x, x, vp, snr=0.0), ValueError, "snr"),
         (lambda: S.pc_sample(lambda x, t: x, x, vp, n_steps=0), ValueError, "n_steps"),
+        (lambda: S.pc_sample(lambda x, t: x, x, vp, n_steps=np.int64(0)), ValueError, "n_steps: expected a positive"),
         (lambda: S.pc_sample(lambda x, t: x, x, vp, predictor="ode"), ValueError, "predictor: expected one of"),
         (lambda: S.pc_sample(lambda x, t: x[:2], x, vp, n_steps=2), ValueError, "score_fn: expected a tensor"),
         (lambda: S.VESDE(1.0, 0.5), ValueError, "sigma_min, sigma_max"),

@@ -471,6 +471,7 @@ def test_bad_calls():
         sparse.spmm(adj.to_sparse_coo(), x)
     with pytest.raises(ValueError, match="num_layers: expected a non-negative int"):
         sparse.propagate(adj, x, -1)
+    assert torch.equal(sparse.propagate(adj, x, np.int64(2)), sparse.propagate(adj, x, 2))  # numpy ints are ints
     with pytest.raises(ValueError, match="combine: expected 3 layer weights"):
         sparse.propagate(adj, x, 2, [1.0, 2.0])
     with pytest.raises(ValueError, match="combine: expected one of"):

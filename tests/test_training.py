@@ -5,6 +5,7 @@ input."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -544,6 +545,7 @@ def bad_calls(schedule):
         (lambda: diffusion_loss(m, x, z, 1, diffcore.Schedule.linear_var(5, 0.0, 0.001, 0.02)), ValueError,
          "noise_scale == 0"),
         (lambda: TimestepSampler(0), ValueError, "steps: expected a positive int"),
+        (lambda: TimestepSampler(np.int64(0)), ValueError, "steps: expected a positive int, got np.int64\\(0\\)"),
         (lambda: TimestepSampler(5, "learned"), ValueError, "kind: expected one of"),
         (lambda: sampler.update(torch.tensor([1, 2]), torch.ones(3)), ValueError, r"losses: expected shape \(2,\)"),
         (lambda: sampler.update(torch.tensor([1.0]), torch.ones(1)), TypeError, "t: expected a 1-D int64 tensor"),

@@ -4,7 +4,9 @@ Rows per workload, each with an allocating (``p_step``) and an in-place (``p_ste
 - given noise: ``x_{t-1} = c1[t] x0_hat + c2[t] x_t + sigma_t z`` with ``z`` a tensor, as DiffRec
   passes it. Providers: every registered ``diffusion_step`` implementation, the eager reference
   (``diffcore.reference.diffusion.p_step``, DiffRec's style), ``torch.compile`` of it, and its best
-  form (compiled, writing ``x_t`` in place with ``copy_``). All are checked against the reference.
+  form (compiled, writing ``x_t`` in place with ``copy_``). On DreamRec's workload the baselines run
+  DreamRec's own step (``examples/models.py``: its (B, 1) coefficients, ``sqrt(posterior_variance)``,
+  no mask) on the schedule's tables. All are checked against the reference.
 - seeded: diffcore draws ``z`` from its Philox stream inside the kernel; the baselines draw it as
   people do, ``torch.randn_like``, eager and compiled. diffcore's rows are checked against the
   reference Philox on a slice of rows (the reference generator is slow on 38M elements) and the
@@ -41,6 +43,7 @@ from bench.core import (
 from bench.core import TOLERANCES as _TOL
 from diffcore.reference import diffusion as ref
 from diffcore.reference.random import normal as philox_normal
+from examples import models
 
 FAMILY = "diffusion"
 DESCRIPTION = "reverse-diffusion steps p_step / p_step_ (DiffRec, DreamRec), given and seeded noise"
@@ -106,7 +109,7 @@ def _case(s: Setting, config: Config, seeded: bool) -> Case:
     schedule = s.schedule().to(config.device)
     w = s.guidance
     guided = w is not None
-    tensors = 2 + guided + (0 if seeded else 1)  # read: x, model_out (, uncond_out) (, noise); write: out
+    tensors = 3 + guided + (0 if seeded else 1)  # read: x, model_out (, uncond_out) (, noise); write: out
     elem = torch.empty((), dtype=config.dtype).element_size()
 
     def step_kwargs(inputs: Inputs) -> dict:
@@ -135,8 +138,15 @@ def _case(s: Setting, config: Config, seeded: bool) -> Case:
         checks={ALLOCATING: diffcore_check, IN_PLACE: diffcore_check}, numel=s.workload.numel,
     )
 
+    if guided:  # DreamRec's own step (examples/models.py) on the schedule's float32 tables
+        dreamrec = models.DreamRecDiffusion(schedule.num_steps, w)
+        for name in ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance"):
+            setattr(dreamrec, name, getattr(schedule, name).float().cpu())
+
     def reference_step(x, m, u, t, z):
         noise = torch.randn_like(x) if seeded else z
+        if guided:
+            return dreamrec.p_sample(lambda *_: m, lambda *_: u, x, None, t, s.t, noise)
         return ref.p_step(x, m, t, schedule, uncond_out=u, guidance_scale=w or 0.0, noise=noise)
 
     def reference_step_(x, m, u, t, z):
@@ -150,11 +160,12 @@ def _case(s: Setting, config: Config, seeded: bool) -> Case:
         return lambda: reference_step(*a)
 
     suffix = " + randn_like" if seeded else ""
+    name = "DreamRec p_sample" if guided else "reference"
     providers += [
-        Provider(f"eager reference{suffix}", ALLOCATING, setup=eager, check=baseline_check, role=EAGER),
-        compiled_provider(f"torch.compile(reference{suffix})", ALLOCATING, reference_step, args, config,
+        Provider(f"eager {name}{suffix}", ALLOCATING, setup=eager, check=baseline_check, role=EAGER),
+        compiled_provider(f"torch.compile({name}{suffix})", ALLOCATING, reference_step, args, config,
                           role=COMPILE, check=baseline_check),
-        compiled_provider(f"torch.compile(reference{suffix})", IN_PLACE, reference_step_, args, config,
+        compiled_provider(f"torch.compile({name}{suffix})", IN_PLACE, reference_step_, args, config,
                           role=COMPILE_IN_PLACE, check=baseline_check, result=lambda inputs, _: inputs["x"]),
     ]
     return Case(

@@ -475,24 +475,33 @@ def _dreamrec_case(s: DreamRecSetting, variant: str, config: Config) -> Case:
             x2, c2 = inputs["x2"], inputs["c2"]
             t2 = [torch.cat([t, t]) for t in ts]
 
-            def run():
+            def run():  # the last step's (conditional, unconditional) outputs
                 if batched:
                     for t in t2:
                         out = model.forward(x2, c2, t)
-                else:
-                    for t in ts:
-                        out = model.forward(x, h, t)
-                        out = model.forward_uncon(x, t)
-                return out
+                    return out.chunk(2)
+                for t in ts:
+                    cond = model.forward(x, h, t)
+                    uncond = model.forward_uncon(x, t)
+                return cond, uncond
 
             return _no_grad(run)
 
         return setup
 
+    def denoiser_check(inputs: Inputs, out: tuple[torch.Tensor, torch.Tensor]) -> str | None:
+        """The last step's outputs against DreamRec's two calls at t = 0 (the batched call must give
+        the same rows)."""
+        model, x, h, t = inputs["model"], inputs["x"], inputs["h"], inputs["t"][-1]
+        with torch.no_grad():
+            expected = torch.cat([model.forward(x, h, t), model.forward_uncon(x, t)])
+        return mismatch(torch.cat(out), expected, config.dtype, what="denoiser outputs at t = 0")
+
     if variant == INSIDE:
         providers = [
-            Provider(DREAMREC_DENOISER_TWO, ALLOCATING, setup=denoiser_alone(False), check=None, role=EAGER),
-            Provider(DREAMREC_DENOISER_BATCHED, ALLOCATING, setup=denoiser_alone(True), check=None),
+            Provider(DREAMREC_DENOISER_TWO, ALLOCATING, setup=denoiser_alone(False), check=denoiser_check,
+                     role=EAGER),
+            Provider(DREAMREC_DENOISER_BATCHED, ALLOCATING, setup=denoiser_alone(True), check=denoiser_check),
         ]
     else:
         check = _sample_check(config)

@@ -17,6 +17,7 @@ Bytes the op must move: x0 / x_t (, model_out) (, noise) read and the output wri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,9 @@ NOTES = [
     "to compile `x.copy_(reference(x, ...))` for these steps (KeyError 'buf0'). The eager reference and geoopt "
     "run allocating, as people call them",
     "sphere seeded rows: diffcore draws Philox noise inside the kernel; the baselines draw `torch.randn_like` "
-    "(eager: ATen's generator, compiled: Inductor's), so their outputs are checked as unit rows (and q_sample's "
-    "implied tangent noise as standard normal), not equal",
+    "(eager: ATen's generator, compiled: Inductor's), so their outputs are checked as unit rows, q_sample's "
+    "implied tangent noise as standard normal and p_step's mean cosine to the noiseless step against the "
+    "reference's under fresh normal noise, not equal",
 ]
 
 
@@ -223,7 +225,8 @@ def _reference(op: Op, inputs: Inputs, schedule: diffcore.Schedule, rows: slice 
 
 def _check(op: Op, schedule: diffcore.Schedule, dtype: torch.dtype, seeded: bool, philox: bool):
     """Given noise: the float32 reference. Seeded: diffcore's rows at both ends equal the reference
-    Philox's; every provider's rows are unit rows; q_sample's implied tangent noise is normal."""
+    Philox's; every provider's rows are unit rows; q_sample's implied tangent noise is normal;
+    p_step's rows lie as far from the noiseless step as the reference's with fresh normal noise."""
     def unit_rows(out: torch.Tensor) -> str | None:
         norm = out.float().norm(dim=1)
         if not bool(torch.isfinite(norm).all()):
@@ -231,11 +234,29 @@ def _check(op: Op, schedule: diffcore.Schedule, dtype: torch.dtype, seeded: bool
         err = float((norm - 1).abs().max())
         return None if err <= UNIT_ATOL[dtype] else f"output: rows are not unit rows (| |row| - 1 | up to {err:.3g})"
 
+    def spread(inputs: Inputs, out: torch.Tensor) -> str | None:
+        """p_step: normalising loses |y|, so z cannot be recovered; instead the mean cosine between
+        each row and the noiseless step's row is compared with the reference's under fresh
+        torch.randn noise (a step that drops or misscales its noise moves it by far more than 6
+        standard errors)."""
+        if "noiseless" not in inputs:
+            g = torch.Generator().manual_seed(SEED + 1)
+            z = torch.randn(out.shape, generator=g).to(out.device)
+            inputs["noiseless"] = _reference(op, inputs, schedule, noise=torch.zeros_like(z))
+            inputs["cos_ref"] = (_reference(op, inputs, schedule, noise=z) * inputs["noiseless"]).sum(1)
+        cos, cos_ref = (out.float() * inputs["noiseless"]).sum(1), inputs["cos_ref"]
+        se = math.sqrt(float(cos.var()) / cos.numel() + float(cos_ref.var()) / cos_ref.numel())
+        gap = abs(float(cos.mean()) - float(cos_ref.mean()))
+        if gap <= 6 * se + UNIT_ATOL[dtype]:
+            return None
+        return (f"noise: mean cosine to the noiseless step {float(cos.mean()):.5f}, the reference's with normal noise "
+                f"{float(cos_ref.mean()):.5f} (6 standard errors: {6 * se:.2g})")
+
     def implied_noise(inputs: Inputs, out: torch.Tensor) -> str | None:
         """``logmap(x0, out) / s = P_x0(z)``; rescaled by sqrt(d / (d - 1)) for the dimension P
         removes, its entries look standard normal."""
         if op.name != "q_sample":
-            return None
+            return spread(inputs, out)
         x0 = inputs["x0"].float()
         s = schedule.sqrt_one_minus_alphas_cumprod[inputs["t"]].float().unsqueeze(1)
         d = x0.shape[1]

@@ -125,7 +125,8 @@ def _loss_case(w: Workload, schedule_fn, config: Config, backward: bool) -> Case
 
         return run
 
-    check = _loss_check(schedule, backward, config.dtype)
+    check = _loss_check(schedule, backward, config.dtype, "sampler")
+    baseline_check = _loss_check(schedule, backward, config.dtype, "lt")
     providers, notes = _diffcore_providers("training_diffusion_loss", config, diffcore_call, check, w.numel, backward)
 
     def diffrec_step(m, x0, noise, t, pt, lt_history, lt_count):
@@ -145,10 +146,11 @@ def _loss_case(w: Workload, schedule_fn, config: Config, backward: bool) -> Case
         return _lt_update_and_divide(loss, t, pt, lt_history, lt_count, inputs["m"], backward)
 
     providers += [
-        Provider("DiffRec eager (training_losses + Lt loop)", ALLOCATING, setup=eager, check=check, role=EAGER),
+        Provider("DiffRec eager (training_losses + Lt loop)", ALLOCATING, setup=eager, check=baseline_check,
+                 role=EAGER),
         compiled_provider("torch.compile(training_losses) + eager Lt loop", ALLOCATING,
                           lambda m, x0, noise, t: ref.training_losses(m, x0, noise, t, schedule),
-                          lambda inputs: args(inputs)[:4], config, role=COMPILE, check=check, result=finish),
+                          lambda inputs: args(inputs)[:4], config, role=COMPILE, check=baseline_check, result=finish),
     ]
     reads = 2 * w.numel * _elem(config)  # model_out and x0
     return Case(
@@ -156,6 +158,7 @@ def _loss_case(w: Workload, schedule_fn, config: Config, backward: bool) -> Case
         bytes_moved=reads + (w.numel * _elem(config) if backward else 0),
         make_inputs=lambda: _loss_inputs(w, schedule, config, backward),
         providers=providers,
+        reset=_reset_histories,
         notes=notes + NOTES[:1],
     )
 
@@ -179,17 +182,39 @@ def _loss_inputs(w: Workload, schedule: diffcore.Schedule, config: Config, backw
     warm_t = torch.arange(T).repeat(10).to(config.device)
     sampler.update(warm_t, torch.rand(10 * T, generator=g, dtype=torch.float64).to(config.device))
     t, pt = sampler.sample(B, torch.Generator(config.device).manual_seed(config.seed))
-    return {"m": m, "x0": x0, "noise": None, "t": t, "pt": pt, "sampler": sampler,
-            "lt_history": sampler.history.clone(), "lt_count": sampler.count.clone()}
+    history0 = (sampler.history.clone(), sampler.count.clone())
+    return {"m": m, "x0": x0, "noise": None, "t": t, "pt": pt, "sampler": sampler, "history0": history0,
+            "lt_history": history0[0].clone(), "lt_count": history0[1].clone()}
 
 
-def _loss_check(schedule: diffcore.Schedule, backward: bool, dtype: torch.dtype):
+def _reset_histories(inputs: Inputs) -> None:
+    """Both sides' Lt_history back to the warm state the inputs were made with."""
+    history, count = inputs["history0"]
+    for h, c in ((inputs["sampler"].history, inputs["sampler"].count), (inputs["lt_history"], inputs["lt_count"])):
+        h.copy_(history)
+        c.copy_(count)
+
+
+def _loss_check(schedule: diffcore.Schedule, backward: bool, dtype: torch.dtype, state: str):
+    """The loss (or its gradient) against DiffRec's, and the Lt_history the provider updated
+    (``state``: diffcore's ``sampler``, or the baselines' ``lt`` tensors) against DiffRec's loop
+    run on the same warm history."""
     def check(inputs: Inputs, out: torch.Tensor) -> str | None:
         if "expected" not in inputs:
             m = inputs["m"].detach().float().requires_grad_(backward)
-            loss = ref.training_losses(m, inputs["x0"].float(), None, inputs["t"], schedule) / inputs["pt"]
+            loss = ref.training_losses(m, inputs["x0"].float(), None, inputs["t"], schedule)
+            history, count = (v.clone() for v in inputs["history0"])
+            ref.update_lt_history(history, count, inputs["t"], loss.detach())
+            inputs["expected_history"] = history, count
+            loss = loss / inputs["pt"]
             inputs["expected"] = torch.autograd.grad(loss.mean(), m)[0] if backward else loss.detach()
-        return mismatch(out, inputs["expected"], dtype, what="d loss / d model_out" if backward else "loss")
+        error = mismatch(out, inputs["expected"], dtype, what="d loss / d model_out" if backward else "loss")
+        sampler = inputs["sampler"]
+        history, count = (sampler.history, sampler.count) if state == "sampler" else \
+            (inputs["lt_history"], inputs["lt_count"])
+        if error is None and not torch.equal(count, inputs["expected_history"][1]):
+            return "Lt_history: the per-timestep counts differ from DiffRec's loop"
+        return error or mismatch(history, inputs["expected_history"][0], dtype, what="Lt_history")
 
     return check
 

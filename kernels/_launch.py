@@ -1,5 +1,10 @@
 """What every launcher shares: the CUDA device guard, the operand checks, and operands with unit
-column stride (the kernels index a row as ``base + r * row_stride + j``)."""
+column stride (the kernels index a row as ``base + r * row_stride + j``).
+
+F64_SCALARS: compiled Triton types a Python float argument as float32 (the interpreter keeps it a
+double, so tests there cannot see it). A float argument of a kernel that also computes in float64
+is therefore annotated ``tl.float64`` and cast to the kernel's compute dtype where it is used: a
+float64 step then uses the exact value, a float32 one the value rounded once, as before."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def _block_topk_kernel(
     else:
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC)
         for d0 in range(0, d, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
+            dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)  # dd * stride: 64-bit for column-major operands
             dmask = dd < d
             q = tl.load(x_ptr + rows[:, None] * stride_xb + dd[None, :] * stride_xc,
                         mask=rmask[:, None] & dmask[None, :], other=0.0).to(ACC)

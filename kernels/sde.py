@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffcore.reference.sde import ZERO_SCORE
+
 from ._launch import check_like, check_noise, check_rows, device_guard, finish, scratch, unit_cols
 from .philox import philox_normal, round_to, seed_words
 
@@ -182,6 +184,7 @@ def sde_step_out(
                 norms, ss, ss.stride(0), zs, 0 if zs is None else zs.stride(0), coef32, coef_stride,
                 cols, seed_lo, seed_hi, offset, SEEDED=seed is not None, BLOCK=block,
             )
+            torch._assert_async(norms[:, 1].sum() != 0, ZERO_SCORE)  # no host sync on a GPU
             factor = torch.empty(1, dtype=torch.float32, device=x.device)
             _sde_batch_factor_kernel[(1,)](factor, norms, rows, float(snr), BLOCK=_REDUCE_BLOCK)
         _sde_step_kernel[(rows, triton.cdiv(cols, block))](

@@ -103,7 +103,7 @@ def _sphere_map_kernel(
     bad_ptr,  # (B,) int8 flags: 1 x's row is zero, 2 y's row is zero
     n_rows,
     n_cols,
-    eps,  # normalize's floor
+    eps: tl.float64,  # normalize's floor (float arguments: see kernels/_launch.py's F64_SCALARS)
     MAP: tl.constexpr,  # NORMALIZE, PROJECT, EXPMAP, LOGMAP or DISTANCE
     F64: tl.constexpr,
     ROWS: tl.constexpr,
@@ -141,7 +141,7 @@ def _sphere_map_kernel(
     alpha = 1.0 / nx
     beta = tl.zeros([ROWS], ACC)
     if MAP == NORMALIZE:
-        alpha = 1.0 / tl.maximum(nx, eps)
+        alpha = 1.0 / tl.maximum(nx, tl.cast(eps, ACC))
     if MAP == PROJECT:
         alpha = -xv / xx
         beta = beta + 1.0
@@ -302,7 +302,7 @@ def _sphere_p_step_kernel(
     coef_ptr,  # (B, 3) float32 rows (a, b, c), contiguous
     n_rows,
     n_cols,
-    guidance,
+    guidance: tl.float64,  # float arguments: see kernels/_launch.py's F64_SCALARS
     seed_lo,
     seed_hi,
     offset,
@@ -313,6 +313,7 @@ def _sphere_p_step_kernel(
 ):
     """``y / max(|y|, 1e-12)``; y is formed twice (reduce, then write) rather than stored."""
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
+    guidance = tl.cast(guidance, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     a = tl.load(coef_ptr + 3 * rows, mask=row_ok, other=0.0).to(ACC)

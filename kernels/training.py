@@ -328,12 +328,13 @@ def _bpr_forward_kernel(
     neg_ptr,
     n_batch,
     d,
-    weight_decay,
+    weight_decay: tl.float64,  # float arguments: see kernels/_launch.py's F64_SCALARS
     ACC: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """``softplus(<u, n> - <u, p>) + wd / 2 (|u0|^2 + |p0|^2 + |n0|^2)`` for BLOCK_B batch rows."""
+    weight_decay = tl.cast(weight_decay, ACC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < n_batch
     cols = tl.arange(0, BLOCK_D)
@@ -375,7 +376,7 @@ def _bpr_backward_kernel(
     neg_ptr,
     n_batch,
     d,
-    weight_decay,
+    weight_decay: tl.float64,  # float arguments: see kernels/_launch.py's F64_SCALARS
     ACC: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -383,6 +384,7 @@ def _bpr_backward_kernel(
     """Adds BLOCK_B rows' gradients into the tables: c = g sigmoid(<u, n - p>),
     du = c (n - p), dp = -c u, dn = c u, and wd g times each ego row (into the score tables
     without ego tables)."""
+    weight_decay = tl.cast(weight_decay, ACC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < n_batch
     cols = tl.arange(0, BLOCK_D)
@@ -535,7 +537,8 @@ def training_bpr_loss_backward_out(
 # --- InfoNCE ------------------------------------------------------------------------------------
 @triton.jit
 def _nce_block(x_ptr, rows, n, cols, d):
-    return tl.load(x_ptr + rows[:, None] * d + cols[None, :], mask=(rows < n)[:, None] & (cols < d)[None, :], other=0.0)
+    offsets = rows.to(tl.int64)[:, None] * d + cols[None, :]  # 64-bit: B d may pass 2^31
+    return tl.load(x_ptr + offsets, mask=(rows < n)[:, None] & (cols < d)[None, :], other=0.0)
 
 
 @triton.jit
@@ -564,13 +567,14 @@ def _nce_forward_kernel(
     b_ptr,
     n,  # B
     d,
-    tau,
+    tau: tl.float64,  # float arguments: see kernels/_launch.py's F64_SCALARS
     ACC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
 ):
     """``logsumexp_j(<a_i, b_j> / tau) - <a_i, b_i> / tau`` for BM rows i."""
+    tau = tl.cast(tau, ACC)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
     kd = tl.arange(0, BD)
     a = _nce_block(a_ptr, i, n, kd, d)
@@ -587,13 +591,14 @@ def _nce_backward_a_kernel(
     b_ptr,
     n,
     d,
-    tau,
+    tau: tl.float64,  # float arguments: see kernels/_launch.py's F64_SCALARS
     ACC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
 ):
     """``d/da^_i = g_i / tau (sum_j P_ij b^_j - b^_i)``, P the row softmax, for BM rows i."""
+    tau = tl.cast(tau, ACC)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
     kd = tl.arange(0, BD)
     a = _nce_block(a_ptr, i, n, kd, d)
@@ -608,7 +613,7 @@ def _nce_backward_a_kernel(
         q = tl.where((j < n)[None, :], q, 0.0) - tl.where(i[:, None] == j[None, :], g[:, None], 0.0)
         acc += tl.dot(q.to(b.dtype), b, input_precision="ieee", out_dtype=ACC)
     mask = (i < n)[:, None] & (kd < d)[None, :]
-    tl.store(ga_ptr + i[:, None] * d + kd[None, :], acc / tau, mask=mask)
+    tl.store(ga_ptr + i.to(tl.int64)[:, None] * d + kd[None, :], acc / tau, mask=mask)
     tl.store(lse_ptr + i, lse, mask=i < n)
 
 
@@ -621,13 +626,14 @@ def _nce_backward_b_kernel(
     b_ptr,
     n,
     d,
-    tau,
+    tau: tl.float64,  # float arguments: see kernels/_launch.py's F64_SCALARS
     ACC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
 ):
     """``d/db^_j = 1 / tau (sum_i g_i P_ij a^_i - g_j a^_j)`` for BN columns j."""
+    tau = tl.cast(tau, ACC)
     j = tl.program_id(0) * BN + tl.arange(0, BN)
     kd = tl.arange(0, BD)
     b = _nce_block(b_ptr, j, n, kd, d)
@@ -642,7 +648,7 @@ def _nce_backward_b_kernel(
         q = tl.where((i < n)[:, None], q, 0.0) - tl.where(i[:, None] == j[None, :], g[:, None], 0.0)
         acc += tl.dot(tl.trans(q).to(a.dtype), a, input_precision="ieee", out_dtype=ACC)
     mask = (j < n)[:, None] & (kd < d)[None, :]
-    tl.store(gb_ptr + j[:, None] * d + kd[None, :], acc / tau, mask=mask)
+    tl.store(gb_ptr + j.to(tl.int64)[:, None] * d + kd[None, :], acc / tau, mask=mask)
 
 
 def _nce_prepare(a: torch.Tensor, b: torch.Tensor, temperature: float, cosine: bool):

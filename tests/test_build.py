@@ -8,6 +8,7 @@ parity tests compare the reference with itself (DESIGN.md, "Backends and what pr
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shutil
@@ -61,3 +62,26 @@ def test_cuda_binding_flag() -> None:
     assert _library.HAS_CUDA_BINDING == _library._C.has_cuda()
     if torch.version.cuda is None:
         assert not _library.HAS_CUDA_BINDING
+
+
+def test_float_arguments_of_float64_kernels_are_typed_float64() -> None:
+    """Compiled Triton types a Python float argument as float32, so a kernel that also computes in
+    float64 annotates its float arguments ``tl.float64`` (kernels/_launch.py, F64_SCALARS). The
+    interpreter the suite runs keeps every float a double, so only the annotation can be checked."""
+    tl = pytest.importorskip("triton.language")
+    from diffcore.kernels import sparse, sphere, training
+
+    expected = {
+        sparse._csr_layer_kernel: ("w0", "wk"),
+        sphere._sphere_map_kernel: ("eps",),
+        sphere._sphere_p_step_kernel: ("guidance",),
+        training._bpr_forward_kernel: ("weight_decay",),
+        training._bpr_backward_kernel: ("weight_decay",),
+        training._nce_forward_kernel: ("tau",),
+        training._nce_backward_a_kernel: ("tau",),
+        training._nce_backward_b_kernel: ("tau",),
+    }
+    for kernel, names in expected.items():
+        params = inspect.signature(kernel.fn).parameters  # JITFunction or, interpreted, InterpretedFunction
+        for name in names:
+            assert params[name].annotation in (tl.float64, "tl.float64"), f"{kernel.fn.__name__}: {name}"

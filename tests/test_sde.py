@@ -578,10 +578,11 @@ def test_bad_input_gives_clear_errors():
             call()
 
 
-def test_langevin_with_an_all_zero_score_raises():
-    """The corrector's step size divides by the batch-mean score norm: the C++ kernel raises
+@pytest.mark.parametrize("name", impl_params("sde_step"))
+def test_langevin_with_an_all_zero_score_raises(name):
+    """The corrector's step size divides by the batch-mean score norm: every implementation raises
     rather than returning inf/NaN (score_sde's loop would)."""
-    with pytest.raises(RuntimeError, match="score: every row is zero"):
+    with diffcore.use(name), pytest.raises(RuntimeError, match="score: every row is zero"):
         S.langevin_step(torch.randn(3, 5), torch.zeros(3, 5), SNR, make_sde("ve"), t=0.5, seed=1)
 
 

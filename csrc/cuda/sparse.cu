@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
           c = a.col32 ? static_cast<const int32_t*>(a.col)[e] : static_cast<const int64_t*>(a.col)[e];
           if (c < 0 || c >= a.cols) {
             if (a.bad != nullptr) atomicExch(a.bad, 1);
-            c = 0;
+            c = -1;  // skipped below: no row of y is read for it (y may have none)
           } else {
             w = a.val != nullptr ? a.val[e] : 1.0f;
             if (a.scale_in) w *= a.cs[c];
@@ -122,6 +122,7 @@ __global__ void __launch_bounds__(kWarp * kWarpsPerBlock)
         for (int k = 0; k < count; ++k) {
           const int64_t ck = __shfl_sync(0xffffffffu, c, k);
           const float wk = __shfl_sync(0xffffffffu, w, k);
+          if (ck < 0) continue;  // the same for every lane: ck came from lane k
           const TY* yr = y + ck * a.y_stride;
 #pragma unroll
           for (int v = 0; v < kMaxVec; ++v) {

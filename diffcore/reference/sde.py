@@ -203,6 +203,11 @@ def pc_sample(
 
 
 # --- the fused op -------------------------------------------------------------------------------
+# The corrector's step size divides by the batch-mean score norm: every implementation raises
+# this rather than returning inf/NaN (score_sde's loop would).
+ZERO_SCORE = "score: every row is zero, so the corrector's step size 2 alpha (snr mean|z| / mean|score|)^2 is undefined"
+
+
 def step(
     x: torch.Tensor,
     score: torch.Tensor,
@@ -235,6 +240,8 @@ def step(
     if snr is not None:
         z_norm = torch.norm(z, dim=-1).mean() if z is not None else torch.zeros(())
         s_norm = (k.abs()[:, 0] * torch.norm(s32, dim=-1)).mean()
+        if float(s_norm) == 0:
+            raise RuntimeError(ZERO_SCORE)
         ratio = snr * z_norm / s_norm
         bk, c = bk * ratio**2, c * ratio
     mean = a * x32 + bk * s32

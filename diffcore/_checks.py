@@ -45,6 +45,11 @@ def finite_non_negative(v: float) -> bool:
     return v >= 0 and math.isfinite(v)
 
 
+def finite_positive(v: float) -> bool:
+    """The ``ok`` of :func:`real` for a finite value > 0."""
+    return v > 0 and math.isfinite(v)
+
+
 def real(name: str, value: object, ok: Callable[[float], bool] = math.isfinite, what: str = "a finite number") -> float:
     """A real number (Python or numpy int or float) as a float: TypeError for anything else (bool,
     str, tensors), ValueError naming ``what`` unless ``ok(value)`` (by default: finite, so NaN and

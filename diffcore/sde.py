@@ -382,7 +382,7 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: object, what: str) -> float:
-    return _checks.real(name, value, lambda v: v > 0 and math.isfinite(v), what)
+    return _checks.real(name, value, _checks.finite_positive, what)
 
 
 def _step_dt(dt: object) -> float:
@@ -424,12 +424,17 @@ def _operands(x, score, noise, seed, offset, out, mean_out):
     seed, offset = _checks.seed_offset(seed, offset)
     inputs = {"score": score, "noise": noise}
     if out is not None:
-        _checks.writable("x" if out is x else "out", _checks.like("out", out, x, "x"))
+        _written(out, x, "x")
         _no_overlap("out", out, {**({} if out is x else {"x": x}), **inputs, "mean_out": mean_out})
     if mean_out is not None:
         _checks.writable("mean_out", _checks.like("mean_out", mean_out, x, "x"))
         _no_overlap("mean_out", mean_out, {"x": x, **inputs})
     return seed, offset
+
+
+def _written(out: torch.Tensor, x: torch.Tensor, x_name: str) -> None:
+    """``out=`` like x (named ``x_name``), owning its elements; x itself names itself (in place)."""
+    _checks.writable(x_name if out is x else "out", _checks.like("out", out, x, x_name))
 
 
 def _no_overlap(name: str, t: torch.Tensor, others: dict[str, torch.Tensor | None]) -> None:
@@ -515,7 +520,7 @@ def sde_forward(
             raise ValueError("noise and seed: give one, not both")
     seed, offset = _checks.seed_offset(seed, offset)
     if out is not None:
-        _checks.writable("x0" if out is x0 else "out", _checks.like("out", out, x0, "x0"))
+        _written(out, x0, "x0")
         if out is not x0:
             _no_overlap("out", out, {"x0": x0, "noise": noise})
     sde = _sde(sde, x0)
@@ -718,7 +723,7 @@ def probability_flow_step(
     _checks.float_tensor("x", x, ndim=2)
     _checks.like("score", score, x, "x")
     if out is not None:
-        _checks.writable("x" if out is x else "out", _checks.like("out", out, x, "x"))
+        _written(out, x, "x")
         _no_overlap("out", out, {**({} if out is x else {"x": x}), "score": score})
     sde = _sde(sde, x)
     t, dt = _times("t", t, x, sde), _step_dt(dt)

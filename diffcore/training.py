@@ -19,7 +19,6 @@ Each call goes to the dispatcher (C++ on CPU, Triton on CUDA), or to the impleme
 
 from __future__ import annotations
 
-import math
 from typing import Sequence, overload
 
 import torch
@@ -470,7 +469,7 @@ def info_nce(
     if isinstance(b, torch.Tensor) and b.dim() == 2 and b.shape[0] != a.shape[0]:
         raise ValueError(f"b: expected {a.shape[0]} rows (the batch of a), got {b.shape[0]}")
     _checks.like("b", b, a, "a")
-    temperature = _checks.real("temperature", temperature, lambda v: 0 < v < math.inf, "a positive float (finite)")
+    temperature = _checks.real("temperature", temperature, _checks.finite_positive, "a positive float (finite)")
     _choice("similarity", similarity, SIMILARITIES)
     _choice("reduction", reduction, REDUCTIONS)
     args = (temperature, similarity == "cosine", reduction)

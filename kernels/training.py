@@ -6,11 +6,14 @@ loss and SGL's InfoNCE, forward and backward.
                      x0_hat = c3 (c1 x0 + c2 z) - c4 m, c = float32(table[t_r, 1:5])
     history update   DiffRec's loop over the batch, as one program per timestep: the k-th row that
                      drew t lands at position count[t] + k - shift, shift = max(0, count + n_t - H)
-    BPR              loss_b = softplus(<u, n> - <u, p>) + wd / 2 (|u0|^2 + |p0|^2 + |n0|^2);
-                     the backward adds each row's gradient into the tables with atomics
+    BPR              loss_b = softplus(<u, n> - <u, p>) + wd / 2 (|u0|^2 + |p0|^2 + |n0|^2),
+                     the features in chunks of at most _BPR_BLOCK_D; the backward adds each row's
+                     gradient into the tables with atomics
     InfoNCE          loss_i = logsumexp_j(<a_i, b_j> / tau) - <a_i, b_i> / tau, a running
                      logsumexp over blocks of columns (flash-attention's scheme); the backward
-                     recomputes the logits, by row blocks for d/da and by column blocks for d/db
+                     recomputes the logits, by row blocks for d/da and by column blocks for d/db;
+                     features go in chunks of at most _NCE_BLOCK_D (each gradient program writes
+                     one chunk and recomputes the full logits), so any d fits a program
 
 The meaning is ``diffcore.reference.training``; the CPU twin is csrc/cpu/training.cpp. Values that
 need checking (timesteps, pt, indices) are checked on the host before anything is launched (on
@@ -29,7 +32,10 @@ from .philox import round_to
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_BLOCK = 2048  # columns per program of the diffusion loss at most
 _BLOCK_ROWS = 16  # batch rows per program of BPR
+_BPR_BLOCK_D = 128  # features per chunk of BPR's rows at most
+_HISTORY_BLOCK = 1024  # history slots per chunk of the history update at most
 _NCE_BLOCK = 32  # rows and columns of an InfoNCE logits block at most
+_NCE_BLOCK_D = 128  # features per chunk of an InfoNCE logits block, and per gradient tile, at most
 _NORM_EPS = 1e-12  # F.normalize's eps
 _LIKELIHOOD: tl.constexpr = tl.constexpr(2)  # row mode: 0 target x0, 1 target noise, 2 eps likelihood at t = 0
 
@@ -252,10 +258,11 @@ def _history_update_kernel(
     total = c0 + n_k
     kept = tl.minimum(total, H)
     shift = total - kept  # values dropped from the front of old + new
-    j = tl.arange(0, BLOCK_H)
-    old = tl.load(row + (j + shift) * hist_col_stride, mask=(j + shift < c0) & (j < H), other=0.0)
-    tl.debug_barrier()
-    tl.store(row + j * hist_col_stride, old, mask=j < c0 - shift)
+    for h0 in range(0, H, BLOCK_H):  # the kept old values move to the front, chunk by chunk
+        j = h0 + tl.arange(0, BLOCK_H)  # a chunk writes below what later chunks read
+        old = tl.load(row + (j + shift) * hist_col_stride, mask=(j + shift < c0) & (j < H), other=0.0)
+        tl.debug_barrier()
+        tl.store(row + j * hist_col_stride, old, mask=j < c0 - shift)
     seen = c0 * 0
     for start in range(0, n_batch, BLOCK_B):
         offs = start + tl.arange(0, BLOCK_B)
@@ -268,6 +275,10 @@ def _history_update_kernel(
         tl.store(row + pos * hist_col_stride, value, mask=hit & (pos >= 0))
         seen += tl.sum(hit.to(tl.int64), axis=0)
     tl.store(count_ptr + k * count_stride, kept)
+
+
+def _history_block(H: int) -> int:
+    return min(_HISTORY_BLOCK, triton.next_power_of_2(max(H, 1)))
 
 
 def training_history_update_out(
@@ -296,20 +307,29 @@ def training_history_update_out(
         _history_update_kernel[(T,)](
             history, history.stride(0), history.stride(1), count, count.stride(0),
             t.contiguous(), losses.double().contiguous(), t.numel(), H,
-            BLOCK_B=min(1024, triton.next_power_of_2(t.numel())), BLOCK_H=triton.next_power_of_2(H),
+            BLOCK_B=min(1024, triton.next_power_of_2(t.numel())), BLOCK_H=_history_block(H),
         )
 
 
 # --- BPR ----------------------------------------------------------------------------------------
 @triton.jit
-def _bpr_rows(user_ptr, us, item_ptr, its, users_ptr, pos_ptr, neg_ptr, rows, rmask, cols, mask):
+def _bpr_index(users_ptr, pos_ptr, neg_ptr, rows, rmask):
     u_idx = tl.load(users_ptr + rows, mask=rmask, other=0).to(tl.int64)
     p_idx = tl.load(pos_ptr + rows, mask=rmask, other=0).to(tl.int64)
     n_idx = tl.load(neg_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    u = tl.load(user_ptr + u_idx[:, None] * us + cols[None, :], mask=mask, other=0.0)
-    p = tl.load(item_ptr + p_idx[:, None] * its + cols[None, :], mask=mask, other=0.0)
-    n = tl.load(item_ptr + n_idx[:, None] * its + cols[None, :], mask=mask, other=0.0)
-    return u_idx, p_idx, n_idx, u, p, n
+    return u_idx, p_idx, n_idx
+
+
+@triton.jit
+def _bpr_chunk(user_ptr, us, item_ptr, its, u_idx, p_idx, n_idx, rmask, c0, d, BLOCK_D: tl.constexpr,
+               ACC: tl.constexpr):
+    """Features c0 .. c0 + BLOCK_D of the rows' user, positive and negative rows (zeros outside)."""
+    cols = c0 + tl.arange(0, BLOCK_D)
+    mask = rmask[:, None] & (cols < d)[None, :]
+    u = tl.load(user_ptr + u_idx[:, None] * us + cols[None, :], mask=mask, other=0.0).to(ACC)
+    p = tl.load(item_ptr + p_idx[:, None] * its + cols[None, :], mask=mask, other=0.0).to(ACC)
+    n = tl.load(item_ptr + n_idx[:, None] * its + cols[None, :], mask=mask, other=0.0).to(ACC)
+    return cols, mask, u, p, n
 
 
 @triton.jit
@@ -333,26 +353,24 @@ def _bpr_forward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``softplus(<u, n> - <u, p>) + wd / 2 (|u0|^2 + |p0|^2 + |n0|^2)`` for BLOCK_B batch rows."""
+    """``softplus(<u, n> - <u, p>) + wd / 2 (|u0|^2 + |p0|^2 + |n0|^2)`` for BLOCK_B batch rows,
+    the features in chunks of BLOCK_D."""
     weight_decay = tl.cast(weight_decay, ACC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < n_batch
-    cols = tl.arange(0, BLOCK_D)
-    mask = rmask[:, None] & (cols < d)[None, :]
-    u_idx, p_idx, n_idx, u, p, n = _bpr_rows(user_ptr, user_row_stride, item_ptr, item_row_stride,
-                                             users_ptr, pos_ptr, neg_ptr, rows, rmask, cols, mask)
-    u, p, n = u.to(ACC), p.to(ACC), n.to(ACC)
-    x = tl.sum(u * (n - p), axis=1)
-    loss = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-    if weight_decay != 0.0:
-        if user_ego_ptr is not None:
-            u0 = tl.load(user_ego_ptr + u_idx[:, None] * user_ego_row_stride + cols[None, :], mask=mask, other=0.0)
-            p0 = tl.load(item_ego_ptr + p_idx[:, None] * item_ego_row_stride + cols[None, :], mask=mask, other=0.0)
-            n0 = tl.load(item_ego_ptr + n_idx[:, None] * item_ego_row_stride + cols[None, :], mask=mask, other=0.0)
-            u0, p0, n0 = u0.to(ACC), p0.to(ACC), n0.to(ACC)
-        else:
-            u0, p0, n0 = u, p, n
-        loss += 0.5 * weight_decay * tl.sum(u0 * u0 + p0 * p0 + n0 * n0, axis=1)
+    u_idx, p_idx, n_idx = _bpr_index(users_ptr, pos_ptr, neg_ptr, rows, rmask)
+    x = tl.zeros([BLOCK_B], dtype=ACC)
+    sq = tl.zeros([BLOCK_B], dtype=ACC)
+    for c0 in range(0, d, BLOCK_D):
+        cols, mask, u, p, n = _bpr_chunk(user_ptr, user_row_stride, item_ptr, item_row_stride, u_idx, p_idx, n_idx,
+                                         rmask, c0, d, BLOCK_D, ACC)
+        x += tl.sum(u * (n - p), axis=1)
+        if weight_decay != 0.0:
+            if user_ego_ptr is not None:
+                _, _, u, p, n = _bpr_chunk(user_ego_ptr, user_ego_row_stride, item_ego_ptr, item_ego_row_stride,
+                                           u_idx, p_idx, n_idx, rmask, c0, d, BLOCK_D, ACC)
+            sq += tl.sum(u * u + p * p + n * n, axis=1)
+    loss = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))) + 0.5 * weight_decay * sq
     tl.store(rows_ptr + rows, loss, mask=rmask)
 
 
@@ -383,38 +401,41 @@ def _bpr_backward_kernel(
 ):
     """Adds BLOCK_B rows' gradients into the tables: c = g sigmoid(<u, n - p>),
     du = c (n - p), dp = -c u, dn = c u, and wd g times each ego row (into the score tables
-    without ego tables)."""
+    without ego tables). Two sweeps over the features in chunks of BLOCK_D: the scores, then the
+    gradients."""
     weight_decay = tl.cast(weight_decay, ACC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < n_batch
-    cols = tl.arange(0, BLOCK_D)
-    mask = rmask[:, None] & (cols < d)[None, :]
-    u_idx, p_idx, n_idx, u, p, n = _bpr_rows(user_ptr, user_row_stride, item_ptr, item_row_stride,
-                                             users_ptr, pos_ptr, neg_ptr, rows, rmask, cols, mask)
-    u, p, n = u.to(ACC), p.to(ACC), n.to(ACC)
+    u_idx, p_idx, n_idx = _bpr_index(users_ptr, pos_ptr, neg_ptr, rows, rmask)
+    x = tl.zeros([BLOCK_B], dtype=ACC)
+    for c0 in range(0, d, BLOCK_D):
+        cols, mask, u, p, n = _bpr_chunk(user_ptr, user_row_stride, item_ptr, item_row_stride, u_idx, p_idx, n_idx,
+                                         rmask, c0, d, BLOCK_D, ACC)
+        x += tl.sum(u * (n - p), axis=1)
     g = tl.load(row_grad_ptr + rows, mask=rmask, other=0.0)
-    x = tl.sum(u * (n - p), axis=1)
     ex = tl.exp(-tl.abs(x))
     sig = tl.where(x >= 0, 1.0 / (1.0 + ex), ex / (1.0 + ex))
     c = (g * sig)[:, None]
     reg = (weight_decay * g)[:, None]
-    du = c * (n - p)
-    dp = -c * u
-    dn = c * u
-    if g_user_ego_ptr is None:
-        du += reg * u
-        dp += reg * p
-        dn += reg * n
-    else:
-        u0 = tl.load(user_ego_ptr + u_idx[:, None] * user_ego_row_stride + cols[None, :], mask=mask, other=0.0)
-        p0 = tl.load(item_ego_ptr + p_idx[:, None] * item_ego_row_stride + cols[None, :], mask=mask, other=0.0)
-        n0 = tl.load(item_ego_ptr + n_idx[:, None] * item_ego_row_stride + cols[None, :], mask=mask, other=0.0)
-        tl.atomic_add(g_user_ego_ptr + u_idx[:, None] * d + cols[None, :], reg * u0.to(ACC), mask=mask)
-        tl.atomic_add(g_item_ego_ptr + p_idx[:, None] * d + cols[None, :], reg * p0.to(ACC), mask=mask)
-        tl.atomic_add(g_item_ego_ptr + n_idx[:, None] * d + cols[None, :], reg * n0.to(ACC), mask=mask)
-    tl.atomic_add(g_user_ptr + u_idx[:, None] * d + cols[None, :], du, mask=mask)
-    tl.atomic_add(g_item_ptr + p_idx[:, None] * d + cols[None, :], dp, mask=mask)
-    tl.atomic_add(g_item_ptr + n_idx[:, None] * d + cols[None, :], dn, mask=mask)
+    for c0 in range(0, d, BLOCK_D):
+        cols, mask, u, p, n = _bpr_chunk(user_ptr, user_row_stride, item_ptr, item_row_stride, u_idx, p_idx, n_idx,
+                                         rmask, c0, d, BLOCK_D, ACC)
+        du = c * (n - p)
+        dp = -c * u
+        dn = c * u
+        if g_user_ego_ptr is None:
+            du += reg * u
+            dp += reg * p
+            dn += reg * n
+        else:
+            _, _, u0, p0, n0 = _bpr_chunk(user_ego_ptr, user_ego_row_stride, item_ego_ptr, item_ego_row_stride,
+                                          u_idx, p_idx, n_idx, rmask, c0, d, BLOCK_D, ACC)
+            tl.atomic_add(g_user_ego_ptr + u_idx[:, None] * d + cols[None, :], reg * u0, mask=mask)
+            tl.atomic_add(g_item_ego_ptr + p_idx[:, None] * d + cols[None, :], reg * p0, mask=mask)
+            tl.atomic_add(g_item_ego_ptr + n_idx[:, None] * d + cols[None, :], reg * n0, mask=mask)
+        tl.atomic_add(g_user_ptr + u_idx[:, None] * d + cols[None, :], du, mask=mask)
+        tl.atomic_add(g_item_ptr + p_idx[:, None] * d + cols[None, :], dp, mask=mask)
+        tl.atomic_add(g_item_ptr + n_idx[:, None] * d + cols[None, :], dn, mask=mask)
 
 
 def _bpr_operands(user_table, item_table, users, pos, neg, user_ego, item_ego):
@@ -440,6 +461,10 @@ def _bpr_operands(user_table, item_table, users, pos, neg, user_ego, item_ego):
         _check_range("neg", neg, item_ego.shape[0], "index of item_ego")
     tables = tuple(unit_cols(v) for v in (user_table, item_table, user_ego, item_ego))
     return tables, tuple(v.contiguous() for v in (users, pos, neg))
+
+
+def _bpr_block_d(d: int) -> int:
+    return min(_BPR_BLOCK_D, triton.next_power_of_2(d))
 
 
 def _stride0(t: torch.Tensor | None) -> int:
@@ -484,7 +509,7 @@ def training_bpr_loss_out(
             _bpr_forward_kernel[(triton.cdiv(B, _BLOCK_ROWS),)](
                 rows, u, u.stride(0), i, i.stride(0), ue, _stride0(ue), ie, _stride0(ie), us, ps, ns, B, d,
                 float(weight_decay), ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                BLOCK_B=_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(d),
+                BLOCK_B=_BLOCK_ROWS, BLOCK_D=_bpr_block_d(d),
             )
     elif B > 0:
         rows.fill_(0.6931471805599453)  # softplus(0): no features, score 0
@@ -527,7 +552,7 @@ def training_bpr_loss_backward_out(
                 row_grad, bufs[0], bufs[1], ego_bufs[0], ego_bufs[1],
                 u, u.stride(0), i, i.stride(0), ue, _stride0(ue), ie, _stride0(ie), us, ps, ns, B, d,
                 float(weight_decay), ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                BLOCK_B=_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(d),
+                BLOCK_B=_BLOCK_ROWS, BLOCK_D=_bpr_block_d(d),
             )
     for out, buf in zip(outs, bufs):
         if buf is not out:
@@ -542,16 +567,27 @@ def _nce_block(x_ptr, rows, n, cols, d):
 
 
 @triton.jit
-def _nce_lse(a, i, b_ptr, n, kd, d, tau, BN: tl.constexpr, ACC: tl.constexpr):
-    """Running logsumexp over the columns of ``a b^T / tau`` for the rows i (a: (BM, BD)), and
-    the diagonal logits."""
-    m_i = tl.full([a.shape[0]], float("-inf"), dtype=ACC)
-    s_i = tl.zeros([a.shape[0]], dtype=ACC)
-    diag = tl.zeros([a.shape[0]], dtype=ACC)
+def _nce_logits(a_ptr, i, b_ptr, j, n, d, tau, BK: tl.constexpr, ACC: tl.constexpr):
+    """``<a_i, b_j> / tau`` for the rows i and columns j, over the features in chunks of BK."""
+    logits = tl.zeros([i.shape[0], j.shape[0]], dtype=ACC)
+    for k0 in range(0, d, BK):
+        k = k0 + tl.arange(0, BK)
+        a = _nce_block(a_ptr, i, n, k, d)
+        b = _nce_block(b_ptr, j, n, k, d)
+        logits += tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC)
+    return logits / tau
+
+
+@triton.jit
+def _nce_lse(a_ptr, i, b_ptr, n, d, tau, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+    """Running logsumexp over the columns of ``a b^T / tau`` for the rows i, and the diagonal
+    logits."""
+    m_i = tl.full([i.shape[0]], float("-inf"), dtype=ACC)
+    s_i = tl.zeros([i.shape[0]], dtype=ACC)
+    diag = tl.zeros([i.shape[0]], dtype=ACC)
     for j0 in range(0, n, BN):
         j = j0 + tl.arange(0, BN)
-        b = _nce_block(b_ptr, j, n, kd, d)
-        logits = tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC) / tau
+        logits = _nce_logits(a_ptr, i, b_ptr, j, n, d, tau, BK, ACC)
         logits = tl.where((j < n)[None, :], logits, float("-inf"))
         diag += tl.sum(tl.where(i[:, None] == j[None, :], logits, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -571,14 +607,12 @@ def _nce_forward_kernel(
     ACC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    BD: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """``logsumexp_j(<a_i, b_j> / tau) - <a_i, b_i> / tau`` for BM rows i."""
     tau = tl.cast(tau, ACC)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
-    kd = tl.arange(0, BD)
-    a = _nce_block(a_ptr, i, n, kd, d)
-    lse, diag = _nce_lse(a, i, b_ptr, n, kd, d, tau, BN, ACC)
+    lse, diag = _nce_lse(a_ptr, i, b_ptr, n, d, tau, BN, BK, ACC)
     tl.store(rows_ptr + i, lse - diag, mask=i < n)
 
 
@@ -595,26 +629,27 @@ def _nce_backward_a_kernel(
     ACC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    BD: tl.constexpr,
+    BK: tl.constexpr,
 ):
-    """``d/da^_i = g_i / tau (sum_j P_ij b^_j - b^_i)``, P the row softmax, for BM rows i."""
+    """``d/da^_i = g_i / tau (sum_j P_ij b^_j - b^_i)``, P the row softmax, for BM rows i and the
+    BK features of program_id(1)."""
     tau = tl.cast(tau, ACC)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
-    kd = tl.arange(0, BD)
-    a = _nce_block(a_ptr, i, n, kd, d)
-    lse, diag = _nce_lse(a, i, b_ptr, n, kd, d, tau, BN, ACC)
+    kd = tl.program_id(1) * BK + tl.arange(0, BK)
+    lse, diag = _nce_lse(a_ptr, i, b_ptr, n, d, tau, BN, BK, ACC)
     g = tl.load(g_ptr + i, mask=i < n, other=0.0)
-    acc = tl.zeros([BM, BD], dtype=ACC)
+    acc = tl.zeros([BM, BK], dtype=ACC)
     for j0 in range(0, n, BN):
         j = j0 + tl.arange(0, BN)
-        b = _nce_block(b_ptr, j, n, kd, d)
-        logits = tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC) / tau
+        logits = _nce_logits(a_ptr, i, b_ptr, j, n, d, tau, BK, ACC)
         q = g[:, None] * tl.exp(logits - lse[:, None])
         q = tl.where((j < n)[None, :], q, 0.0) - tl.where(i[:, None] == j[None, :], g[:, None], 0.0)
+        b = _nce_block(b_ptr, j, n, kd, d)
         acc += tl.dot(q.to(b.dtype), b, input_precision="ieee", out_dtype=ACC)
     mask = (i < n)[:, None] & (kd < d)[None, :]
     tl.store(ga_ptr + i.to(tl.int64)[:, None] * d + kd[None, :], acc / tau, mask=mask)
-    tl.store(lse_ptr + i, lse, mask=i < n)
+    if tl.program_id(1) == 0:
+        tl.store(lse_ptr + i, lse, mask=i < n)
 
 
 @triton.jit
@@ -630,22 +665,22 @@ def _nce_backward_b_kernel(
     ACC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    BD: tl.constexpr,
+    BK: tl.constexpr,
 ):
-    """``d/db^_j = 1 / tau (sum_i g_i P_ij a^_i - g_j a^_j)`` for BN columns j."""
+    """``d/db^_j = 1 / tau (sum_i g_i P_ij a^_i - g_j a^_j)`` for BN columns j and the BK
+    features of program_id(1)."""
     tau = tl.cast(tau, ACC)
     j = tl.program_id(0) * BN + tl.arange(0, BN)
-    kd = tl.arange(0, BD)
-    b = _nce_block(b_ptr, j, n, kd, d)
-    acc = tl.zeros([BN, BD], dtype=ACC)
+    kd = tl.program_id(1) * BK + tl.arange(0, BK)
+    acc = tl.zeros([BN, BK], dtype=ACC)
     for i0 in range(0, n, BM):
         i = i0 + tl.arange(0, BM)
-        a = _nce_block(a_ptr, i, n, kd, d)
         lse = tl.load(lse_ptr + i, mask=i < n, other=0.0)
         g = tl.load(g_ptr + i, mask=i < n, other=0.0)
-        logits = tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC) / tau
+        logits = _nce_logits(a_ptr, i, b_ptr, j, n, d, tau, BK, ACC)
         q = g[:, None] * tl.exp(logits - lse[:, None])
         q = tl.where((i < n)[:, None], q, 0.0) - tl.where(i[:, None] == j[None, :], g[:, None], 0.0)
+        a = _nce_block(a_ptr, i, n, kd, d)
         acc += tl.dot(tl.trans(q).to(a.dtype), a, input_precision="ieee", out_dtype=ACC)
     mask = (j < n)[:, None] & (kd < d)[None, :]
     tl.store(gb_ptr + j.to(tl.int64)[:, None] * d + kd[None, :], acc / tau, mask=mask)
@@ -671,7 +706,7 @@ def _nce_prepare(a: torch.Tensor, b: torch.Tensor, temperature: float, cosine: b
 
 def _nce_blocks(n: int, d: int) -> dict:
     block = max(16, min(_NCE_BLOCK, triton.next_power_of_2(max(n, 1))))
-    return {"BM": block, "BN": block, "BD": max(16, triton.next_power_of_2(d))}
+    return {"BM": block, "BN": block, "BK": max(16, min(_NCE_BLOCK_D, triton.next_power_of_2(d)))}
 
 
 def training_info_nce_out(
@@ -723,11 +758,12 @@ def training_info_nce_backward_out(
         lse = torch.empty(B, dtype=an.dtype, device=a.device)
         acc = tl.float64 if an.dtype == torch.float64 else tl.float32
         blocks = _nce_blocks(B, d)
+        tiles = triton.cdiv(max(d, 1), blocks["BK"])
         with device_guard(a):
-            _nce_backward_a_kernel[(triton.cdiv(B, blocks["BM"]),)](ga, lse, g, an, bn, B, d, float(temperature),
-                                                                    ACC=acc, **blocks)
-            _nce_backward_b_kernel[(triton.cdiv(B, blocks["BN"]),)](gb, lse, g, an, bn, B, d, float(temperature),
-                                                                    ACC=acc, **blocks)
+            _nce_backward_a_kernel[(triton.cdiv(B, blocks["BM"]), tiles)](ga, lse, g, an, bn, B, d,
+                                                                           float(temperature), ACC=acc, **blocks)
+            _nce_backward_b_kernel[(triton.cdiv(B, blocks["BN"]), tiles)](gb, lse, g, an, bn, B, d,
+                                                                           float(temperature), ACC=acc, **blocks)
         if cosine:
             ga, gb = _normalize_backward(an, na, ga), _normalize_backward(bn, nb, gb)
     g_a.copy_(ga)

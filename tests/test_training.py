@@ -183,6 +183,10 @@ def diffrec_history(steps, history, batches):
 def test_update_is_diffrecs_fifo(name, steps, history, batch):
     """Batches with repeated timesteps (some repeated more often than the history holds), against
     DiffRec's sequential loop."""
+    check_fifo(name, steps, history, batch)
+
+
+def check_fifo(name, steps, history, batch):
     g = torch.Generator().manual_seed(steps)
     batches = []
     for k in range(6):
@@ -436,6 +440,42 @@ def test_info_nce_gradcheck(name):
         for similarity, symmetric in (("cosine", True), ("dot", False)):
             assert torch.autograd.gradcheck(
                 lambda a, b: info_nce(a, b, 0.3, similarity=similarity, symmetric=symmetric, reduction="none"), (a, b))
+
+
+def test_triton_works_in_chunks(monkeypatch):
+    """The Triton BPR and InfoNCE kernels take the features in chunks, and the history update the
+    history slots (so any d or history length fits a GPU program): with the chunk cut to 16
+    features, d = 40 needs three, the last partial, and the InfoNCE gradients come from three
+    feature tiles each; with 4 slots a chunk, a 10-slot history moves in three."""
+    if diffcore.implementations("training_info_nce")["triton"].reason("cpu") is not None:
+        pytest.skip("no Triton here")
+    from diffcore.kernels import training as kt
+
+    monkeypatch.setattr(kt, "_BPR_BLOCK_D", 16)
+    monkeypatch.setattr(kt, "_NCE_BLOCK_D", 16)
+    monkeypatch.setattr(kt, "_HISTORY_BLOCK", 4)
+    check_fifo("triton", 4, 10, 9)
+    U, I, U0, I0 = bpr_tables(seed=6, d=40)
+    users, pos, neg = bpr_indices(seed=7)
+    a, b = make((20, 40), seed=11, count=2)
+    for ego in (True, False):
+        leaves = [v.clone().requires_grad_() for v in ((U, I, U0, I0) if ego else (U, I))]
+        truth = [v.clone().requires_grad_() for v in leaves]
+        with diffcore.use("triton"):
+            got = bpr_loss(tuple(leaves[:2]), users, pos, neg, ego=tuple(leaves[2:]) or None, weight_decay=0.1)
+        want = lightgcn(*truth, *(() if ego else truth), users, pos, neg, 0.1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, truth)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for similarity in ("cosine", "dot"):
+        leaves = [v.clone().requires_grad_() for v in (a, b)]
+        truth = [v.clone().requires_grad_() for v in (a, b)]
+        with diffcore.use("triton"):
+            got = info_nce(*leaves, 0.5, similarity=similarity)
+        want = ref.info_nce(*truth, 0.5, b_cos=similarity == "cosine")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, truth)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 # --- opcheck, compile, dispatch -----------------------------------------------------------------

@@ -189,14 +189,45 @@ def in_place_operands(x: torch.Tensor, forced: object, operands: tuple) -> tuple
     return tuple(v.clone() if isinstance(v, torch.Tensor) and v is not x and overlaps(v, x) else v for v in operands)
 
 
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory: exact for every layout. Laid out by increasing
+    stride, each dimension stepping past the whole extent of the ones below it cannot overlap
+    (every dense or sliced layout); any other layout is checked element by element."""
+    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1)
+    extent = 0  # offset of the last element of the dimensions so far
+    for st, n in dims:
+        if st <= extent:
+            break
+        extent += (n - 1) * st
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(n) * st).reshape(-1)
+    return offsets.unique().numel() < t.numel()
+
+
 def writable(name: str, t: torch.Tensor) -> torch.Tensor:
-    """A tensor an op writes: no two of its elements may share memory (an expanded view would have
-    several rows write one location). The C++ kernels check the same for direct op calls."""
-    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
-        raise ValueError(f"{name}: more than one of its elements refers to the same memory location (an "
-                         f"expanded view, strides {tuple(t.stride())}); write into a tensor that owns its "
+    """A tensor an op writes: no two of its elements may share memory (an expanded view, or rows
+    strided closer than their length, would have several elements write one location). The C++
+    kernels check expanded views for direct op calls (ATen's has_internal_overlap)."""
+    if not torch.compiler.is_compiling() and _self_overlapping(t):
+        raise ValueError(f"{name}: more than one of its elements refers to the same memory location (strides "
+                         f"{tuple(t.stride())} for shape {tuple(t.shape)}); write into a tensor that owns its "
                          "elements, e.g. a .clone()")
     return t
+
+
+def untracked_write(tensors: dict[str, torch.Tensor | None]) -> None:
+    """The in-place and ``out=`` forms write their result without recording it for autograd (as
+    torch's ``out=`` functions do): under grad mode an operand that requires grad is refused rather
+    than given a wrong gradient."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise RuntimeError(f"{name}: requires grad, but the in-place and out= forms do not support autograd; "
+                               "call the allocating form, or run under torch.no_grad()")
 
 
 def out_tensor(out: object, ref: torch.Tensor, others: dict[str, torch.Tensor | None],
@@ -208,4 +239,5 @@ def out_tensor(out: object, ref: torch.Tensor, others: dict[str, torch.Tensor | 
         for name, other in {ref_name: ref, **others}.items():
             if other is not None and overlaps(out, other):
                 raise ValueError(f"out: must not share memory with {name} (only {ref_name} may be written in place)")
+    untracked_write({ref_name: ref, **others, "out": out})
     return out

@@ -41,6 +41,62 @@ from diffcore.reference import random as _ref_random
 
 _lib = torch.library.Library("diffcore", "DEF")
 
+# op name -> (backward, setup_context): each op's autograd formula, also used by run_forced.
+_AUTOGRAD: dict[str, tuple] = {}
+
+
+def _register_autograd(op: str, backward, setup_context) -> None:
+    """``torch.library.register_autograd`` for ``diffcore::<op>``, the formula kept for run_forced."""
+    _AUTOGRAD[op] = (backward, setup_context)
+    torch.library.register_autograd(f"diffcore::{op}", backward, setup_context=setup_context)
+
+
+class _OpCtx:
+    """The autograd ctx as an op's formula sees it: ``needs_input_grad`` of the op's arguments
+    (run_forced's Function has three arguments of its own before them); the rest is the ctx's."""
+
+    def __init__(self, ctx) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+
+    @property
+    def needs_input_grad(self) -> tuple:
+        return self._ctx.needs_input_grad[3:]
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._ctx, name, value)
+
+
+class _Forced(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, impl, outputs, *args):
+        outs = outputs()
+        impl(*args, *outs)
+        backward, setup_context = _AUTOGRAD[op]
+        ctx.op_ctx = _OpCtx(ctx)
+        ctx.backward = backward
+        setup_context(ctx.op_ctx, args, outs[0] if len(outs) == 1 else outs)
+        return outs[0] if len(outs) == 1 else outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads_in = ctx.backward(ctx.op_ctx, *grads)
+        return (None, None, None, *(grads_in if isinstance(grads_in, tuple) else (grads_in,)))
+
+
+def run_forced(op: str, impl, args: tuple, outputs) -> torch.Tensor | tuple:
+    """The implementation ``impl`` that ``diffcore.use`` forces, run as the op ``op`` with its
+    arguments ``args`` into the tensors ``outputs()`` makes, with the op's autograd formula when an
+    argument requires grad under grad mode (the formula's own op calls go through the dispatcher).
+    Returns the output, or the tuple of outputs."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _Forced.apply(op, impl, outputs, *args)
+    outs = outputs()
+    impl(*args, *outs)
+    return outs[0] if len(outs) == 1 else outs
+
 _STEP_ARGS = (
     "Tensor? f, Tensor? f_uncond, float guidance, Tensor? t, Tensor table, Tensor? noise, "
     "int? seed, int offset, bool clamp_t"
@@ -106,9 +162,7 @@ def _step_backward(ctx, grad):
     return grad_x, grad_f, grad_u, None, None, None, grad_noise, None, None, None
 
 
-torch.library.register_autograd(
-    "diffcore::diffusion_step", _step_backward, setup_context=_step_setup_context
-)
+_register_autograd("diffusion_step", _step_backward, _step_setup_context)
 
 
 # --- the C++ extension --------------------------------------------------------------------------
@@ -177,7 +231,19 @@ def _kernels(name: str):
     return importlib.import_module(f"diffcore.kernels.{name}")
 
 
+def _check_t(t, table, clamp_t=False):
+    """The reference's twin of the kernels' timestep check (tensor values: raises RuntimeError;
+    negative timesteps too, which indexing would wrap)."""
+    k = t.clamp(max=table.shape[0] - 1) if clamp_t else t
+    outside = (k < 0) | (k >= table.shape[0])
+    if bool(outside.any()):
+        i = int(outside.reshape(-1).nonzero()[0, 0])
+        raise RuntimeError(f"t: every timestep must lie in [0, {table.shape[0]}), got t[{i}] = {int(t.reshape(-1)[i])}")
+
+
 def _reference_step_out(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out):
+    if t is not None:
+        _check_t(t, table, clamp_t)
     out.copy_(_ref_diffusion.step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t))
 
 
@@ -370,8 +436,8 @@ def _sphere_normalize_setup(ctx, inputs, output):
     ctx.eps = inputs[1]
 
 
-torch.library.register_autograd(
-    "diffcore::sphere_normalize",
+_register_autograd(
+    "sphere_normalize",
     lambda ctx, grad: (_ref_sphere.normalize_backward(ctx.saved_tensors[0], ctx.eps, grad), None),
     setup_context=_sphere_normalize_setup,
 )
@@ -381,8 +447,8 @@ for _op, _vjp in (
     ("sphere_logmap", _ref_sphere.logmap_backward),
     ("sphere_geodesic_distance", _ref_sphere.geodesic_distance_backward),
 ):
-    torch.library.register_autograd(
-        f"diffcore::{_op}",
+    _register_autograd(
+        _op,
         lambda ctx, grad, _vjp=_vjp: _vjp(*ctx.saved_tensors, grad),
         setup_context=_sphere_save_inputs,
     )
@@ -426,20 +492,11 @@ def _sphere_p_backward(ctx, grad):
     return grad_x, grad_f, grad_u, None, None, None, grad_z if given else None, None, None, None
 
 
-torch.library.register_autograd("diffcore::sphere_q_sample", _sphere_q_backward, setup_context=_sphere_q_setup)
-torch.library.register_autograd("diffcore::sphere_p_step", _sphere_p_backward, setup_context=_sphere_p_setup)
+_register_autograd("sphere_q_sample", _sphere_q_backward, _sphere_q_setup)
+_register_autograd("sphere_p_step", _sphere_p_backward, _sphere_p_setup)
 
 
 # --- implementations (out form: the op's arguments, then out) -----------------------------------
-def _sphere_check_t(t, table, clamp_t=False):
-    """The reference's twin of the kernels' timestep check (tensor values: raises RuntimeError)."""
-    k = t.clamp(max=table.shape[0] - 1) if clamp_t else t
-    outside = (k < 0) | (k >= table.shape[0])
-    if bool(outside.any()):
-        i = int(outside.reshape(-1).nonzero()[0, 0])
-        raise RuntimeError(f"t: every timestep must lie in [0, {table.shape[0]}), got t[{i}] = {int(t.reshape(-1)[i])}")
-
-
 def _reference_sphere_normalize(x, eps, out):
     out.copy_(_ref_sphere.normalize(x, eps))
 
@@ -456,12 +513,12 @@ def _reference_sphere_points(fn, second):
 
 def _reference_sphere_q_sample(x0, t, table, noise, seed, offset, out):
     _ref_sphere.check_points("x0", x0)
-    _sphere_check_t(t, table)
+    _check_t(t, table)
     out.copy_(_ref_sphere.q_sample_op(x0, t, table, noise, seed, offset))
 
 
 def _reference_sphere_p_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, out):
-    _sphere_check_t(t, table, clamp_t)
+    _check_t(t, table, clamp_t)
     out.copy_(_ref_sphere.p_step_op(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t))
 
 
@@ -596,10 +653,8 @@ def _propagate_backward(ctx, grad):
     return (None,) * 8 + (grad_x, None, None)
 
 
-torch.library.register_autograd("diffcore::sparse_spmm", _spmm_backward, setup_context=_csr_setup_context)
-torch.library.register_autograd(
-    "diffcore::sparse_propagate", _propagate_backward, setup_context=_csr_setup_context
-)
+_register_autograd("sparse_spmm", _spmm_backward, _csr_setup_context)
+_register_autograd("sparse_propagate", _propagate_backward, _csr_setup_context)
 
 
 # --- implementations (out form: the op's arguments, then out) -----------------------------------
@@ -721,7 +776,7 @@ def _sde_step_backward(ctx, grad_out, grad_mean):
     return grad_x.to(x_dtype), grad_s.to(s_dtype), None, grad_z, None, None, None
 
 
-torch.library.register_autograd("diffcore::sde_step", _sde_step_backward, setup_context=_sde_step_setup)
+_register_autograd("sde_step", _sde_step_backward, _sde_step_setup)
 
 
 # --- implementations (out form: the op's arguments, then out and mean_out) ----------------------
@@ -931,12 +986,32 @@ TRAINING_GRADS = {
 }
 
 
+def once_differentiable(backward):
+    """``backward(ctx, *grads)`` run without recording it. The loss ops' backward ops have no
+    derivatives of their own, so a backward with ``create_graph=True`` (grad mode on) through
+    inputs that require grad raises RuntimeError there and then: its gradients would otherwise count
+    as constants when differentiated again, a silently wrong second derivative."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and any(
+                isinstance(v, torch.Tensor) and v.requires_grad for v in (*grads, *ctx.saved_tensors)):
+            raise RuntimeError(f"{ctx.op}: double backward (create_graph=True) is not supported: its gradient comes "
+                               "from a fused kernel without derivatives of its own")
+        with torch.no_grad():
+            return backward(ctx, *grads)
+
+    return wrapper
+
+
 def _training_register_autograd(op: str) -> None:
     def setup_context(ctx, inputs, output):
+        ctx.op = op
         ctx.tensor_slots = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
         ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_slots))
         ctx.inputs = [None if isinstance(v, torch.Tensor) else v for v in inputs]
 
+    @once_differentiable
     def backward(ctx, *grads):
         args = list(ctx.inputs)
         for i, v in zip(ctx.tensor_slots, ctx.saved_tensors):
@@ -944,7 +1019,7 @@ def _training_register_autograd(op: str) -> None:
         backward_op = getattr(torch.ops.diffcore, f"{op}_backward")
         return TRAINING_GRADS[op](tuple(args), grads, ctx.needs_input_grad, backward_op)
 
-    torch.library.register_autograd(f"diffcore::{op}", backward, setup_context=setup_context)
+    _register_autograd(op, backward, setup_context)
 
 
 for _op in TRAINING_LOSS_OPS:
@@ -1154,9 +1229,7 @@ def _sketch_backward(ctx, grad):
     return (grad @ scaled_omega.mT,) + (None,) * 6
 
 
-torch.library.register_autograd(
-    "diffcore::linalg_sketch", _sketch_backward, setup_context=_sketch_setup_context
-)
+_register_autograd("linalg_sketch", _sketch_backward, _sketch_setup_context)
 
 
 # --- implementations (out form: the op's arguments, then out) -----------------------------------

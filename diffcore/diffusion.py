@@ -21,7 +21,7 @@ import torch
 
 from diffcore import (
     _checks,
-    _library,  # noqa: F401  (defines the ops)
+    _library,  # defines the ops
     _registry,
 )
 
@@ -39,9 +39,11 @@ class Schedule:
     ``sqrt_recipm1_alphas_cumprod``, ``posterior_variance``, ``posterior_log_variance_clipped``
     (``log(cat(pv[1], pv[1:]))``), ``posterior_mean_coef1``, ``posterior_mean_coef2``.
 
-    Betas lie in (0, 1]. A beta of exactly 1 (a zero terminal SNR) zeroes alphas_cumprod from its
-    step on: x0-prediction ancestral steps stay defined; eps-prediction steps, DDIM and DiffRec's
-    eps weights divide by ``sqrt(ab)`` or by ratios of ab there and raise ValueError.
+    Betas lie in (0, 1], and 1 - betas[0] must not round to 1 in their dtype (alphas_cumprod[0]
+    = 1 would make the posterior divide by 0): ValueError otherwise. A beta of exactly 1 (a zero
+    terminal SNR) zeroes alphas_cumprod from its step on: x0-prediction ancestral steps stay
+    defined; eps-prediction steps, DDIM and DiffRec's eps weights divide by ``sqrt(ab)`` or by
+    ratios of ab there and raise ValueError.
 
     ``noise_scale == 0`` (DiffRec) describes a model without diffusion: :func:`sample` then only
     applies the denoiser T times, and the step functions refuse it.
@@ -67,6 +69,10 @@ class Schedule:
         one = betas.new_ones(1)
         alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(alphas, 0)
+        if self.noise_scale != 0.0 and bool(self.alphas_cumprod[0] == 1):
+            raise ValueError(f"betas: 1 - betas[0] rounds to 1 in {betas.dtype} (betas[0] = {betas[0].item()}), so "
+                             "alphas_cumprod[0] = 1 and the posterior divides by 1 - alphas_cumprod[0] = 0; use a "
+                             "larger first beta (or float64)")
         # The first t with alphas_cumprod[t] == 0 (a beta of exactly 1, a zero terminal SNR), or None.
         zero = torch.nonzero(self.alphas_cumprod == 0)
         self.first_zero_alpha_bar = int(zero[0]) if zero.numel() else None
@@ -188,6 +194,7 @@ class Schedule:
                 sigma = torch.exp(0.5 * self.posterior_log_variance_clipped)
             elif variance == "beta":  # DiffuRec: log(cat(pv[1], betas[1:]))
                 sigma = torch.exp(0.5 * torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]])))
+                sigma = sigma if self.num_steps > 1 else torch.zeros_like(self.betas)  # T = 1: only t = 0
             else:
                 sigma = torch.zeros_like(self.betas)
             sigma = sigma.clone()
@@ -208,7 +215,11 @@ class Schedule:
         ab = self.alphas_cumprod[t]
         ab_prev = torch.cat([self.alphas_cumprod, self.alphas_cumprod.new_ones(1)])[torch.where(t_prev < 0, T, t_prev)]
         sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
-        k = torch.sqrt(1 - ab_prev - sigma**2)
+        rest = 1 - ab_prev - sigma**2  # >= 0 up to rounding for eta <= 1
+        if eta > 1:
+            torch._assert_async((rest >= 0).all(), f"eta: {eta} makes sigma^2 exceed 1 - ab[t_prev] for this step "
+                                "(DDIM's eta must keep sigma^2 <= 1 - ab[t_prev]; eta <= 1 always does)")
+        k = torch.sqrt(rest.clamp_min(0))
         sr, srm1 = self.sqrt_recip_alphas_cumprod[t], self.sqrt_recipm1_alphas_cumprod[t]
         if prediction == "x0":  # eps_hat = (sr x_t - x0_hat) / srm1
             a, b = k * sr / srm1, torch.sqrt(ab_prev) - k / srm1
@@ -237,9 +248,7 @@ class Schedule:
 
 
 def _steps(T: int) -> int:
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T: expected a positive int, got {T!r}")
-    return T
+    return _checks.integer("T", T, lambda v: v >= 1, "a positive int")
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
@@ -263,8 +272,10 @@ def _run_step(x, f, f_uncond, guidance, t, table, noise, seed, offset, clamp_t, 
     if out is x:
         f, f_uncond, noise = _checks.in_place_operands(x, impl, (f, f_uncond, noise))
     args = (f, f_uncond, float(guidance), t, table, noise, seed, offset, clamp_t)
+    if impl is not None and out is None:
+        return _library.run_forced("diffusion_step", impl, (x, *args),
+                                   lambda: (torch.empty_like(x, memory_format=torch.contiguous_format),))
     if impl is not None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         impl(x, *args, out)
         return out
     if out is None:
@@ -334,7 +345,7 @@ class _InPlaceSteps:
         if uncond_out is None and self.guidance != 0.0:
             raise ValueError("guidance_scale: a non-zero scale needs uncond_out (the unconditional model output)")
         t = self.t_all[i : i + 1]
-        if self.kernel_checks:
+        if self.kernel_checks and model_out is not None:  # the op reads a missing model_out as "none"
             try:
                 torch.ops.diffcore.diffusion_step_(self.x, model_out, uncond_out, self.guidance, t, self.table, noise,
                                                    seed, offset, False)
@@ -454,23 +465,23 @@ def ddim_step(
     Shapes and the other arguments as in :func:`p_step`; ``t``/``t_prev`` ints or int64 (B,)
     tensors with ``0 <= t < T`` and ``-1 <= t_prev < t`` (a DDIM step goes down); ints are checked
     here (ValueError), tensor values with ``torch._assert_async`` (RuntimeError on the CPU, no
-    device sync on a GPU)."""
+    device sync on a GPU). ``eta <= 1`` always gives ``sigma^2 <= 1 - ab_prev``; a larger eta
+    that does not raises RuntimeError the same way."""
     seed, offset, out = _step_operands(x_t, model_out, uncond_out, guidance_scale, noise, seed, offset, out)
     _checks.like("model_out", model_out, x_t, "x_t")
     schedule = _schedule(schedule, x_t)
     T, B = schedule.num_steps, x_t.shape[0]
-    t_int = t if isinstance(t, int) and not isinstance(t, bool) else None
+    t_int = int(t) if _checks.is_int(t) else None
     t = _checks.timesteps("t", t, B, T, x_t.device)
-    if isinstance(t_prev, bool):
-        raise TypeError("t_prev: expected an int or an int64 tensor, got bool")
-    if isinstance(t_prev, int):
+    if _checks.is_int(t_prev):  # else a tensor (a bool or another type raises in _checks.timesteps)
+        t_prev = int(t_prev)
         if not -1 <= t_prev < T:
             raise ValueError(f"t_prev: expected a timestep in [-1, {T}), got {t_prev}")
         if t_int is not None and t_prev >= t_int:
             raise ValueError(f"t_prev: expected t_prev < t (a DDIM step goes down), got t = {t_int}, t_prev = {t_prev}")
     else:
         t_prev = _checks.timesteps("t_prev", t_prev, B, T, x_t.device)
-    if t_int is None or not isinstance(t_prev, int):  # tensor values
+    if t_int is None or not isinstance(t_prev, int):  # tensor values (ints were checked above)
         torch._assert_async(((t >= 0) & (t < T)).all(), f"t: every timestep must lie in [0, {T})")
         torch._assert_async(((t_prev >= -1) & (t_prev < t)).all(), "t_prev: every t_prev must lie in [-1, t)")
     eta = _checks.real("eta", eta, _checks.finite_non_negative, "a finite eta >= 0")
@@ -509,7 +520,8 @@ def sample(
         x_start: (B, N) float tensor; not modified.
     Returns:
         (B, N) x_0. Allocation-free per step: one buffer for x_t, made by the first step (and one
-            for noise).
+            for noise). Under grad mode, once a denoiser output (or x_t) requires grad, the steps
+            run out of place instead, so gradients reach through the denoiser.
     """
     _checks.float_tensor("x_start", x_start, ndim=2)
     if not isinstance(schedule, Schedule):
@@ -550,9 +562,11 @@ def sample(
         elif noise:
             step_seed = seed
         kwargs = dict(noise=step_noise, seed=step_seed, offset=offset + k * stride)
-        if step is None:
+        tracked = torch.is_grad_enabled() and any(
+            isinstance(v, torch.Tensor) and v.requires_grad for v in (x_t, model_out, uncond_out))
+        if step is None or tracked:  # out of place, so autograd reaches through the denoiser
             x_t = p_step(x_t, model_out, t_all[i : i + 1], schedule, uncond_out=uncond_out, **options, **kwargs)
-            step = _InPlaceSteps(x_t, schedule, **options)
+            step = None if tracked else _InPlaceSteps(x_t, schedule, **options)
         else:
             step(i, model_out, uncond_out, **kwargs)
     return x_t

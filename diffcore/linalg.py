@@ -45,6 +45,14 @@ vectors (74 -> 80 float32 columns at k = 64), which the SpMM and the GEMMs run m
   Householder QR; the small singular directions drown in rounding after a few iterations
   (scikit-learn uses it for n_iter <= 2).
 
+The result does not depend on A's scale: A whose largest entry lies beyond 2^+-32 (float32;
+2^+-256 for float64) is iterated as ``2^-e A`` (e that entry's exponent: exact) and S is scaled back,
+so its Gram matrices and R^-1 neither under- nor overflow; a sparse A's values are scaled once, a
+dense A's products after they are formed (a pass over the l-column iterate, never over A). Between
+normalisations, the power iterations' iterates are kept within 2^+-32 (float32) of a basis's
+magnitude, in both directions. Only A whose largest singular value (or a dense A's product with the
+sketch's vectors) exceeds the dtype's largest value raises: a ValueError naming A.
+
 Rank deficiency is never silent: when A's numerical rank is below k (numpy's ``matrix_rank`` rule on
 the singular values found), a :class:`RankDeficiencyWarning` says which triplets are rounding noise;
 U and V stay orthonormal. (``normalizer="none"`` is the exception above: what it loses to rounding
@@ -63,13 +71,13 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from diffcore import (
     _checks,
-    _library,  # noqa: F401  (defines the ops)
+    _library,  # defines the ops
     _registry,
 )
 from diffcore.sparse import Adjacency, _torch_sparse_entries
@@ -149,6 +157,34 @@ class _Csr:
         crow, col, values = arrays
         shape = self.shape[::-1] if transpose else self.shape
         return torch.sparse_csr_tensor(crow, col.long(), values, shape, check_invariants=False) @ X
+
+    @functools.cached_property
+    def max_abs(self) -> float:
+        """An upper bound of ``max |A[r, c]|``: ``max |v| max |rs| max |cs|`` (exact when there are
+        no scalings, as for a scipy or torch matrix); one pass over each array, on first use."""
+        bound = 1.0
+        for x in (self.values, self.row_scale, self.col_scale):
+            if x is not None and x.numel():
+                low, high = torch.aminmax(x)
+                bound *= max(-float(low), float(high))
+        return bound
+
+    def scaled(self, factor: float) -> _Csr:
+        """``factor A`` (factor a power of two: exact, unless an entry underflows) with its values,
+        and those of its transpose, scaled once (a binary A gets values): no product, the sketch
+        included, then ever meets A's own magnitude."""
+
+        def scale(values: torch.Tensor | None, nnz: int) -> torch.Tensor:
+            if values is None:  # a binary A: its values are ones
+                values = torch.ones(nnz, dtype=torch.float32, device=self.device)
+            # in the results' dtype: float32 values of a float64 A may take a factor beyond float32's range
+            return (values.to(self.dtype) * factor).to(values.dtype)
+
+        def transpose() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            crow, col, values = self.transpose_arrays
+            return crow, col, scale(values, col.numel())
+
+        return replace(self, values=scale(self.values, self.col.numel()), make_transpose=transpose)
 
     def sketch(self, k: int, kind: str, density: float, scale: float, seed: int, offset: int) -> torch.Tensor:
         args = (self.crow, self.col, self.values, self.row_scale, self.col_scale, self.shape[1], k, kind, density,
@@ -317,9 +353,8 @@ def _apply_sketch(A: torch.Tensor | _Csr, k: int, kind: str, density: float, sca
     impl = _registry.forced_for("linalg_sketch", A.device)
     if impl is None:
         return torch.ops.diffcore.linalg_sketch(A, k, kind, density, scale, seed, offset)
-    out = torch.empty((A.shape[0], k), dtype=A.dtype, device=A.device)
-    impl(A, k, kind, density, scale, seed, offset, out)
-    return out
+    return _library.run_forced("linalg_sketch", impl, (A, k, kind, density, scale, seed, offset),
+                               lambda: (torch.empty((A.shape[0], k), dtype=A.dtype, device=A.device),))
 
 
 def sketch(A: object, k: int, seed: int = 0, *, offset: int = 0) -> torch.Tensor:
@@ -606,7 +641,7 @@ def cholqr2(Y: torch.Tensor) -> torch.Tensor:
 
 def _lu_basis(Y: torch.Tensor) -> torch.Tensor:
     """``P L`` of ``Y = P L U`` (scikit-learn's ``lu(..., permute_l=True)``), without P (m x m)."""
-    LU, pivots = torch.linalg.lu_factor(Y)
+    LU, pivots, _ = torch.linalg.lu_factor_ex(Y)  # a zero pivot (rank-deficient Y) is fine: only P L is used
     L = torch.tril(LU, -1) + torch.eye(*LU.shape, dtype=LU.dtype, device=LU.device)
     perm = list(range(Y.shape[0]))
     for i, p in enumerate(pivots.tolist()):  # LAPACK: row i was swapped with row p - 1, in order
@@ -682,11 +717,10 @@ def _final_basis(Y: torch.Tensor, normalizer: str, width: int, n: int) -> tuple[
     return _cholqr2(Y, True, width, n)[0], None
 
 
-def _small_svd(operand: torch.Tensor | _Csr, Y: torch.Tensor, M: torch.Tensor | None, n_cols: int, k: int,
-               dtype: torch.dtype):
+def _small_svd(W: torch.Tensor, Y: torch.Tensor, M: torch.Tensor | None, n_cols: int, k: int, dtype: torch.dtype):
     """U (m x k), S (k,), V (n x k) of B = Q^T A, Q = Y[:, :l] M orthonormal (l = n_cols;
-    :func:`_final_basis`; Y's other columns zero), from B^T = A^T Q = W M (W = A^T Y, n x l),
-    with U's signs fixed (:func:`_flip_signs`) and V's to match.
+    :func:`_final_basis`; Y's other columns zero), from B^T = A^T Q = W M (W = A^T Y, n x width,
+    zero past column l), with U's signs fixed (:func:`_flip_signs`) and V's to match.
 
     When the top k singular values span at most _GRAM_SVD_MAX_COND, from the eigenvectors X of
     the float64 Gram matrix B B^T = M^T (W^T W) M = X S^2 X^T: U = Q X, V = B^T X S^-1 (V's
@@ -694,7 +728,6 @@ def _small_svd(operand: torch.Tensor | _Csr, Y: torch.Tensor, M: torch.Tensor | 
     Rb = W S X^T: U = Q X, V = Qb W. M, the signs and S^-1 are applied to the (l x k) factors
     before the products with the tall matrices (padded with zero rows to Y's width)."""
     M = torch.eye(n_cols, dtype=torch.float64) if M is None else M
-    W = _matmul(operand, Y, transpose=True)
     G = _gram(W, n_cols)
     with _one_thread():
         evals, X = torch.linalg.eigh(M.mT @ G @ M)
@@ -735,12 +768,67 @@ def _matmul(A: torch.Tensor | _Csr, X: torch.Tensor, transpose: bool = False) ->
     return (A.mT if transpose else A) @ X
 
 
-def _check_finite(A: torch.Tensor | _Csr) -> None:
+def _log2_max(dtype: torch.dtype) -> int:
+    """``log2`` of the dtype's largest value, rounded up: 128 (float32), 1024 (float64)."""
+    return math.frexp(torch.finfo(dtype).max)[1]
+
+
+def _scale_exponent(A: torch.Tensor | _Csr) -> int:
+    """The e for which randomized_svd iterates with ``2^-e A``: 0 while A's largest entry magnitude
+    lies within ``2^+-(L / 4)`` (L = :func:`_log2_max`: 2^+-32 for float32, 2^+-256 for float64),
+    else that magnitude's exponent (``2^(e-1) <= max |A| < 2^e``: 2^-e A's largest entry lies in
+    [1/2, 1)), kept within the normal range so that 2^e and 2^-e are exact. Raises ValueError for
+    NaN or Inf in a dense A, found in the same pass (a sparse A's values were checked when its CSR
+    arrays were built; an Adjacency checks its own)."""
     if isinstance(A, _Csr):
-        return  # checked when the CSR arrays were built (an Adjacency checks its own values)
-    low, high = torch.aminmax(A)  # NaN propagates; one pass with no temporary (isfinite(A).all() is 20x slower)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-        raise ValueError("A: expected finite values, found NaN or Inf")
+        top = A.max_abs
+    else:
+        # NaN propagates; one pass with no temporary (isfinite(A).all() is 20x slower)
+        low, high = (float(x) for x in torch.aminmax(A))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("A: expected finite values, found NaN or Inf")
+        top = max(-low, high)
+    exponent = math.frexp(top)[1]
+    if abs(exponent) <= _log2_max(A.dtype) // 4:
+        return 0
+    limit = -math.frexp(torch.finfo(A.dtype).tiny)[1]  # 125 (float32), 1021 (float64)
+    return max(-limit, min(limit, exponent))
+
+
+def _too_large(dtype: torch.dtype) -> ValueError:
+    name = str(dtype).removeprefix("torch.")
+    hint = "convert it to float64 or scale it down" if dtype == torch.float32 else "scale it down"
+    return ValueError(
+        f"A: too large for {name}: its products with the sketch's vectors, or its largest singular value, exceed "
+        f"{name}'s largest value {torch.finfo(dtype).max:.3g}; {hint}"
+    )
+
+
+def _rescale(Y: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``2^-exponent Y`` in place (exact): a product of a dense A, formed at A's own magnitude, as
+    the product of ``2^-exponent A``. Raises ValueError when the product overflowed (only possible
+    for exponent > 0: 2^-exponent Y is then smaller than Y)."""
+    if exponent == 0:
+        return Y
+    Y.mul_(2.0 ** -exponent)
+    if exponent > 0:
+        low, high = (float(x) for x in torch.aminmax(Y))  # Inf, or NaN from Inf - Inf
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise _too_large(Y.dtype)
+    return Y
+
+
+def _normalise_now(spread: float, growth: float, since: int, bound: int, unscaled: int) -> bool:
+    """Whether a power iteration's iterate, ``since`` products after the last normalisation, is
+    normalised before the next product: that product would spread its singular values by more than
+    _SKIP_COND (``spread^(since + 1)``), or take its magnitude (``growth^(since + 1)`` times the
+    last basis's) beyond ``2^+-bound``, where a Gram matrix in the iterate's dtype (its square) nears
+    under- or overflow, or the product as formed (``2^unscaled`` times larger: :func:`_rescale`)
+    beyond ``2^+-(2 bound)``. In log2, so that no Python float overflows."""
+    if (since + 1) * math.log2(spread) > math.log2(_SKIP_COND):
+        return True
+    magnitude = (since + 1) * (math.log2(growth) if growth > 0 else -math.inf)
+    return abs(magnitude) > bound or abs(magnitude + unscaled) > 2 * bound
 
 
 def randomized_svd(
@@ -775,7 +863,11 @@ def randomized_svd(
     Raises:
         ValueError: A is not 2-D, or empty (m == 0 or n == 0); k is not an int in
             [1, min(m, n)]; NaN or Inf in A; a bad oversample, n_iter or normalizer; A requires
-            grad under grad mode (not differentiable: its factorisations run on detached copies).
+            grad under grad mode (not differentiable: its factorisations run on detached copies);
+            A too large for its dtype (its largest singular value, or a dense A's product with the
+            sketch's vectors such as ``A @ Omega``, exceeds the dtype's largest value: for float32,
+            about 3.4e38; convert to float64). Any smaller scale gives the relative accuracy of
+            scale 1 (as far as A's own entries hold it: subnormal ones have lost bits).
         TypeError: A is not one of the types above, or its values are not float32/float64
             (integer, bool, half: convert first).
     """
@@ -790,32 +882,48 @@ def randomized_svd(
         raise ValueError(f"normalizer: expected one of {NORMALIZERS}, got {normalizer!r}")
     q = _n_iter(n_iter, k, m, n)
     seed, _ = _seed_offset(seed, 0)
-    _check_finite(operand)
     l = min(k + oversample, min(m, n))
+
+    # The iterations run on 2^-exponent A (exact), whose largest entry lies in [1/2, 1) when A's
+    # lies beyond 2^+-(L / 4) (_scale_exponent): its Gram matrices and R^-1 neither under- nor
+    # overflow at any scale, and S is scaled back at the end. A sparse A's values are scaled once;
+    # a dense A's products are formed 2^unscaled times larger than those of 2^-exponent A and
+    # scaled after (_rescale: a pass over the iterate, never over A).
+    exponent = _scale_exponent(operand)
+    unscaled = exponent
+    if exponent and isinstance(operand, _Csr):
+        operand, unscaled = operand.scaled(2.0 ** -exponent), 0
+
+    def product(Y: torch.Tensor, transpose: bool) -> torch.Tensor:
+        return _rescale(_matmul(operand, Y, transpose), unscaled)
 
     # Y's condition number grows by about `spread` per product with A or A^T, its norm by about
     # `growth` (both measured at the last normalisation); with cholqr2, an iterate is normalised
     # only when the next product would take it past what one float32-Gram pass handles
-    # (_SKIP_COND) or towards overflow, and always after the last product.
+    # (_SKIP_COND) or towards under- or overflow (_normalise_now), and always after the last product.
     # The iterates live in the left l columns of zero-padded buffers of `width` columns (_pad).
     width = _padded_width(dtype, l)
-    Y = _apply_sketch(operand, l, "gaussian", ACHLIOPTAS_DENSITY, 1.0, seed, 0)
+    Y = _rescale(_apply_sketch(operand, l, "gaussian", ACHLIOPTAS_DENSITY, 1.0, seed, 0), unscaled)
     M = None  # the basis B is made from: Y[:, :l] M (_final_basis)
     if q == 0:
         Y, M = _final_basis(Y, normalizer, width, l)
     else:
         Y, cond, norm = _normalize(Y, normalizer, width, l)
         spread, growth, since = cond, norm, 0
-    overflow = torch.finfo(dtype).max ** 0.25
+    bound = _log2_max(dtype) // 4
     for j in range(2 * q):
-        Y = _matmul(operand, Y, transpose=j % 2 == 0)
+        Y = product(Y, transpose=j % 2 == 0)
         since += 1
         if j == 2 * q - 1:
             Y, M = _final_basis(Y, normalizer, width, l)
-        elif spread ** (since + 1) > _SKIP_COND or growth ** (since + 1) > overflow:
+        elif _normalise_now(spread, growth, since, bound, unscaled):
             Y, cond, norm = _normalize(Y, normalizer, width, l)
             spread, growth, since = cond ** (1 / since), norm ** (1 / since), 0
-    U, S, V = _small_svd(operand, Y, M, l, k, dtype)
+    U, S, V = _small_svd(product(Y, transpose=True), Y, M, l, k, dtype)
+    if exponent:
+        S.mul_(2.0 ** exponent)
+        if not bool(torch.isfinite(S[0])):
+            raise _too_large(dtype)
     _warn_rank(S, m, n, dtype, k)
     return U, S, V.mT
 

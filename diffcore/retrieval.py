@@ -5,11 +5,11 @@ embeddings with the scores computed blockwise (never the whole (B, n_items) matr
 the scores of a block of items by one GEMM, then a buffer of candidates per row fed by a vectorised
 scan that skips every score not above the row's current threshold, cut back to its best k when
 full; Triton: per-block candidates merged by a stable sort). Its meaning is
-``diffcore.reference.retrieval``: masked scores sorted stably, so ties go to the lower item id; a
-row with fewer than k unmasked items gets its masked items (score ``-inf``) after them, in id
-order. NaN scores raise. From queries, each block's scores come from its own GEMM, which may round
-differently in the last bit from one whole ``queries @ items.T`` (and so order near-equal scores
-differently).
+``diffcore.reference.retrieval``: masked scores sorted stably, so ties go to the lower item id;
+masked items score ``-inf``, so a row with fewer than k items above ``-inf`` is filled up with the
+items at ``-inf`` (masked, or scored ``-inf`` themselves) in id order. NaN scores raise. From
+queries, each block's scores come from its own GEMM, which may round differently in the last bit
+from one whole ``queries @ items.T`` (and so order near-equal scores differently).
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def _history(
             raise ValueError(f"exclude: expected shape ({rows}, {n_items}), got {tuple(exclude.shape)}")
         crow, col = exclude.crow_indices(), exclude.col_indices()
     elif isinstance(exclude, (tuple, list)) and len(exclude) == 2:
-        crow, col = (torch.as_tensor(a) for a in exclude)
+        # an empty list would become a float tensor
+        crow, col = (torch.zeros(0, dtype=torch.long) if isinstance(a, (list, tuple)) and not a else torch.as_tensor(a)
+                     for a in exclude)
     else:
         raise TypeError(f"exclude: expected {_CSR}, got {type(exclude).__name__}")
     for name, v in (("crow_indices", crow), ("col_indices", col)):  # no bool (as 0/1), float, complex, int8...

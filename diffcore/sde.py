@@ -33,7 +33,7 @@ import torch
 
 from diffcore import (
     _checks,
-    _library,  # noqa: F401  (defines the ops)
+    _library,  # defines the ops
     _registry,
 )
 from diffcore.diffusion import _run_step
@@ -429,6 +429,8 @@ def _operands(x, score, noise, seed, offset, out, mean_out):
     if mean_out is not None:
         _checks.writable("mean_out", _checks.like("mean_out", mean_out, x, "x"))
         _no_overlap("mean_out", mean_out, {"x": x, **inputs})
+    if out is not None or mean_out is not None:
+        _checks.untracked_write({"x": x, **inputs, "out": out, "mean_out": mean_out})
     return seed, offset
 
 
@@ -471,6 +473,10 @@ def _run_sde_step(x, score, coef, noise, seed, offset, snr, out, mean_out):
     allocated (otherwise). Returns ``(out, mean_out)``."""
     args = (score, coef, noise, seed, offset, snr)
     impl = _registry.forced_for("sde_step", x.device)
+    if impl is not None and out is None and mean_out is None:
+        return _library.run_forced("sde_step", impl, (x, *args),
+                                   lambda: tuple(torch.empty_like(x, memory_format=torch.contiguous_format)
+                                                 for _ in range(2)))
     if impl is not None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         if mean_out is None and out is not x:

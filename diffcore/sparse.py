@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from diffcore import (
     _checks,
-    _library,  # noqa: F401  (defines the ops)
+    _library,  # defines the ops
     _registry,
 )
 from diffcore.reference.sparse import csr_rows
@@ -48,6 +48,9 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid,
 }
 FEATURES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# edge values taken besides floating point ones (as real numbers: bool True is 1)
+INTEGER_VALUES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                  torch.uint32, torch.uint64)
 RECBOLE_EPS = 1e-7
 _INT32_MAX = 2**31 - 1
 
@@ -162,8 +165,10 @@ class Adjacency:
     ) -> Adjacency:
         """A square scipy.sparse matrix or array (any format), e.g. LightGCN-PyTorch's saved
         ``s_pre_adj_mat.npz`` with ``norm="none"`` (it is already normalised). Explicit entries
-        are edges with their values; repeated entries are summed (``duplicates="sum"``, scipy's
-        own rule), collapsed (equal values only) or rejected (``"error"``)."""
+        are edges with their values (floating point, integer or bool); repeated entries are summed
+        (``duplicates="sum"``, scipy's own rule), collapsed (equal values only) or rejected
+        (``"error"``). A CSR, CSC or BSR matrix's ``indptr`` is checked (scipy checks it only when
+        it builds the matrix): a broken one raises ValueError."""
         try:
             import scipy.sparse as sp
         except ImportError as exc:  # pragma: no cover - scipy is a test dependency
@@ -171,6 +176,8 @@ class Adjacency:
         if not sp.issparse(matrix):
             raise TypeError(f"matrix: expected a scipy.sparse matrix, got {type(matrix).__name__}")
         _square(matrix.shape)
+        if matrix.format in ("csr", "csc", "bsr"):
+            _scipy_index_pointers(matrix)
         coo = matrix.tocoo()
         rows = torch.as_tensor(coo.row.astype("int64"), device=device)
         cols = torch.as_tensor(coo.col.astype("int64"), device=device)
@@ -192,12 +199,14 @@ class Adjacency:
         """A square torch sparse tensor, COO (coalesced or not) or CSR, e.g. LightGCN-PyTorch's
         ``Graph`` with ``norm="none"`` (it is already normalised). Repeated COO entries are summed
         (``duplicates="sum"``, what ``coalesce()`` does), collapsed (equal values only) or
-        rejected (``"error"``)."""
+        rejected (``"error"``). A tensor that requires grad raises ValueError (edge values are
+        constants)."""
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor: expected a torch sparse tensor, got {type(tensor).__name__}")
         if tensor.layout not in (torch.sparse_coo, torch.sparse_csr):
             raise TypeError(f"tensor: expected a sparse COO or CSR tensor, got layout {tensor.layout}")
         _square(tuple(tensor.shape))
+        _constant("tensor", tensor)  # its values() never require grad: the tensor itself does
         rows, cols, values = _torch_sparse_entries("tensor", tensor)
         n = tensor.shape[0]
         return cls._from_values(rows, cols, values, n, norm, degree_zero, duplicates, self_loops, index_dtype)
@@ -342,9 +351,8 @@ def spmm(adj: Adjacency, X: torch.Tensor) -> torch.Tensor:
     impl = _registry.forced_for("sparse_spmm", X.device)
     if impl is None:
         return torch.ops.diffcore.sparse_spmm(*adj.operands(), X)
-    out = torch.empty(X.shape, dtype=X.dtype, device=X.device)
-    impl(*adj.operands(), X, out)
-    return out
+    return _library.run_forced("sparse_spmm", impl, (*adj.operands(), X),
+                               lambda: (torch.empty(X.shape, dtype=X.dtype, device=X.device),))
 
 
 def propagate(
@@ -372,9 +380,8 @@ def propagate(
     impl = _registry.forced_for("sparse_propagate", E0.device)
     if impl is None:
         return torch.ops.diffcore.sparse_propagate(*adj.operands(), E0, num_layers, weights)
-    out = torch.empty(E0.shape, dtype=E0.dtype, device=E0.device)
-    impl(*adj.operands(), E0, num_layers, weights, out)
-    return out
+    return _library.run_forced("sparse_propagate", impl, (*adj.operands(), E0, num_layers, weights),
+                               lambda: (torch.empty(E0.shape, dtype=E0.dtype, device=E0.device),))
 
 
 def gcn_layer(
@@ -396,6 +403,7 @@ def gcn_layer(
     X = _features("X", X, adj)
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"W: expected a torch.Tensor, got {type(W).__name__}")
+    _strided("W", W)
     if W.dim() != 2 or W.shape[0] != X.shape[1]:
         raise ValueError(f"W: expected shape ({X.shape[1]}, d_out) (d_in = X.shape[1]), got {tuple(W.shape)}")
     if W.device != X.device:
@@ -475,17 +483,26 @@ def _torch_sparse_entries(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor
     return csr_rows(crow), cols, values
 
 
+def _scipy_index_pointers(matrix: object) -> None:
+    """A compressed scipy matrix's ``indptr`` (CSR, BSR: the rows', CSC: the columns'), checked as
+    CSR row pointers: scipy checks its length and ends when the matrix is built, never its order,
+    nor arrays assigned afterwards, and ``tocoo()`` reads it as it is (a decreasing indptr gave
+    other edges without a word)."""
+    if matrix.format == "csc":
+        name, major = "matrix: indptr (a CSC matrix's: the row pointers of its transpose)", matrix.shape[1]
+    else:
+        name, major = "matrix: indptr", matrix.shape[0] // (matrix.blocksize[0] if matrix.format == "bsr" else 1)
+    _checks.csr_row_pointers(name, torch.tensor(matrix.indptr, dtype=torch.int64), major, len(matrix.indices))
+
+
 def _edge_values(name: str, values: object, nnz: int, device: torch.device) -> torch.Tensor | None:
     if values is None:
         return None
     if not isinstance(values, torch.Tensor):
         values = torch.as_tensor(values, dtype=torch.float64, device=device)
-    if not (values.dtype.is_floating_point or values.dtype in (torch.int32, torch.int64, torch.bool)):
-        raise TypeError(f"{name}: expected real edge values, got {values.dtype}")
-    if values.requires_grad:
-        raise ValueError(
-            f"{name}: edge values are constants of the graph (no gradient flows to them); pass values.detach()"
-        )
+    if not (values.dtype.is_floating_point or values.dtype in INTEGER_VALUES):
+        raise TypeError(f"{name}: expected real edge values (floating point, integer or bool), got {values.dtype}")
+    _constant(name, values)
     if values.dim() != 1 or values.numel() != nnz:
         raise ValueError(f"{name}: expected shape ({nnz},) (one value per edge), got {tuple(values.shape)}")
     if values.device != device:
@@ -493,6 +510,14 @@ def _edge_values(name: str, values: object, nnz: int, device: torch.device) -> t
     if values.numel() and not bool(torch.isfinite(values.double()).all()):
         raise ValueError(f"{name}: every edge value must be finite")
     return values.double()
+
+
+def _constant(name: str, values: torch.Tensor) -> None:
+    """Edge values that require grad: a ValueError (no gradient would flow to them)."""
+    if values.requires_grad:
+        raise ValueError(
+            f"{name}: edge values are constants of the graph (no gradient flows to them); pass {name}.detach()"
+        )
 
 
 def _index_dtype(index_dtype: torch.dtype | None, n: int) -> torch.dtype:
@@ -572,6 +597,7 @@ def _scales(degrees: torch.Tensor, norm: str, degree_zero: str) -> tuple[torch.T
 def _features(name: str, X: object, adj: object) -> torch.Tensor:
     if not isinstance(adj, Adjacency):
         raise TypeError(f"adj: expected a diffcore.sparse.Adjacency, got {type(adj).__name__}")
+    _strided(name, X)
     X = _checks.float_tensor(name, X, ndim=2, dtypes=FEATURES)
     if X.device != adj.device:
         raise ValueError(
@@ -580,6 +606,15 @@ def _features(name: str, X: object, adj: object) -> torch.Tensor:
     if X.shape[0] != adj.num_nodes:
         raise ValueError(f"{name}: expected {adj.num_nodes} rows (one per node of adj), got shape {tuple(X.shape)}")
     return X
+
+
+def _strided(name: str, x: object) -> None:
+    """A tensor of another layout than strided (sparse COO, CSR, ...): a TypeError naming it, where
+    the ops' dispatcher would find no kernel for it."""
+    if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+        raise TypeError(
+            f"{name}: expected a dense (strided) tensor, got layout {x.layout}; convert with {name}.to_dense()"
+        )
 
 
 def _layer_weights(combine: object, num_layers: int) -> list[float]:

@@ -11,8 +11,10 @@ Choices at the edges, shared by every backend (``diffcore.reference.sphere`` is 
 - **Off-sphere inputs are projected, not rejected.** A point ``x`` is used as ``x^ = x / |x|``
   and a tangent vector ``v`` as ``P_x^ v = v - <x^, v> x^``, so each function is defined and
   differentiable for any nonzero rows (checking ``|x| = 1`` would cost a pass and a sync, and
-  would reject every fp16 row). A zero point row has no direction and raises ``ValueError`` (the
-  kernels test the row's sum of squares, so a float32 row below ~1e-19 in norm counts as zero).
+  would reject every fp16 row). A zero point row has no direction and raises ``ValueError``; every
+  backend (the reference too) tests the row's sum of squares in the math dtype, so a row whose
+  squares all underflow counts as zero (float32 math: norm below ~1e-23, e.g. a row of 1e-30;
+  float64: below ~1e-162), and below ~1e-19 (float64: ~1e-154) the squares lose precision.
   At the other end, a float32/16 row whose sum of squares overflows float32 (norm above ~1.8e19)
   is out of range: its norm is inf and every function returns garbage for it (0 for ``x^``),
   in every backend; such rows need rescaling (or float64) first.
@@ -22,17 +24,22 @@ Choices at the edges, shared by every backend (``diffcore.reference.sphere`` is 
   ``t^2 = 1e-4`` (exact to float64 rounding there): ``expmap(x, 0) = x^`` and every gradient is
   finite at ``v = 0`` and ``y = x``; the backward evaluates its row factors in float64.
 - **Angles from chords**, never a clamped ``acos``: ``theta = 2 atan2(|y^ - x^|, |y^ + x^|)``,
-  accurate to rounding for nearly identical and for nearly antipodal points. ``logmap`` forms its
-  tangent from the chord next to ``y^``, so it is accurate there too.
-- **Antipodal logmap** (``y^ = -x^`` exactly): every direction is a shortest geodesic; diffcore
-  takes the one towards the axis ``e_k``, ``k = 0`` if ``|x_0| <= |x_1|`` else ``1``:
-  ``pi (e_k - x^_k x^) / sqrt(1 - x^_k^2)`` (0 when d = 1: S^0 has no tangent directions), so
-  ``expmap(x, logmap(x, y)) = y`` still holds. "Exactly" means the normalised rows cancel in
-  floating point, which ``y = -c x`` guarantees for c a power of two (``y = -x`` in particular);
-  other antipodal pairs round to a hair off antipodal and get a tangent of length pi in the
-  direction their rounding gives. The map is not differentiable there; its gradient is defined as
-  0 at exactly antipodal rows (``geodesic_distance``'s gradient is 0 at y = x and y = -x, which is
-  also what a central difference gives).
+  accurate to rounding for nearly identical and for nearly antipodal points. ``logmap`` is
+  ``theta n``: n is the tangent part of the chord next to ``y^``, normalised by its own norm, so
+  the tangent has length ``geodesic_distance(x, y)`` to rounding however close y^ is to x^ or to
+  -x^. Its direction carries what the rounding of x^ and y^ leaves of it: at the angle
+  ``pi - delta``, an error of about eps / delta, which no float computation avoids.
+- **Antipodal logmap**: where that tangent part is rounding noise (under half the chord; any two
+  exact unit points give at least ``cos(pi/4)`` of it), every direction is as good: nearly
+  identical points (e.g. ``y = 3 x``) give 0, and antipodal ones (``y = -x``, ``y = -3 x``) take
+  the geodesic towards the axis ``e_k``, ``k = 0`` if ``|x_0| <= |x_1|`` else ``1``:
+  ``theta (e_k - x^_k x^) / sqrt(1 - x^_k^2)`` (0 when d = 1: S^0 has no tangent directions), so
+  ``expmap(x, logmap(x, y)) = y^`` still holds. ``y = -c x`` with c a power of two (``y = -x`` in
+  particular) is exactly antipodal, theta = pi, whatever the strides of x and y. The map is not
+  differentiable there; its gradient is defined as 0 at these rows (``geodesic_distance``'s
+  gradient is 0 at y = x and y = -x, up to rounding, which is also what a central difference
+  gives).
+- **NaN** anywhere in a row makes that output row NaN, in every backend.
 
 Backends (``diffcore.implementations("sphere_expmap")``, ...): ``cpu`` (C++, csrc/cpu/sphere.cpp),
 ``triton`` (kernels/sphere.py; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and
@@ -47,7 +54,7 @@ import torch
 
 from diffcore import (
     _checks,
-    _library,  # noqa: F401  (defines the ops)
+    _library,  # defines the ops
     _registry,
 )
 from diffcore.diffusion import Schedule, _schedule
@@ -77,9 +84,9 @@ def _run(op: str, inputs: tuple, out: torch.Tensor | None = None, out_shape: tup
     impl = _registry.forced_for(op, x.device)
     if out is x:
         inputs = (x, *_checks.in_place_operands(x, impl, inputs[1:]))
+    if impl is not None and out is None:
+        return _library.run_forced(op, impl, inputs, lambda: (x.new_empty(out_shape or x.shape),))
     if impl is not None:
-        if out is None:
-            out = x.new_empty(out_shape or x.shape)
         impl(*inputs, out)
         return out
     if out is None:
@@ -139,12 +146,15 @@ def expmap(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def logmap(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The logarithmic map: the tangent vector at ``x`` whose geodesic reaches ``y`` at length
-    ``geodesic_distance(x, y)``: ``theta / sin(theta) (y^ - cos(theta) x^)``.
+    ``geodesic_distance(x, y)``: ``theta / sin(theta) (y^ - cos(theta) x^)``, formed as theta
+    times the unit tangent direction towards y^ (so its length is theta to rounding, for nearly
+    antipodal points too).
 
     Args:
         x, y: (B, d) points, same dtype and device (projected; zero rows raise).
     Returns:
-        (B, d) tangent vectors at x, x's dtype. Exactly antipodal rows: see the module docstring.
+        (B, d) tangent vectors at x, x's dtype. Antipodal rows (and rows whose direction is rounding
+        noise): see the module docstring.
     """
     _pair(x, y, "x", "y")
     return _run("sphere_logmap", (x, y))

@@ -51,6 +51,7 @@ class _Forced(torch.autograd.Function):
         return outs[0]
 
     @staticmethod
+    @_library.once_differentiable
     def backward(ctx, *grads):
         args = list(ctx.inputs)
         for i, v in zip(ctx.tensor_slots, ctx.saved_tensors):
@@ -269,7 +270,7 @@ class TimestepSampler:
                 raise ValueError("generator and seed: give one, not both")
             seed, _ = _checks.seed_offset(seed, 0)  # "seed: expected an int in [0, 2**64) ..., got ..."
             generator = torch.Generator(self.device).manual_seed(seed)
-        elif isinstance(generator, int) and not isinstance(generator, bool):
+        elif _checks.is_int(generator):
             try:
                 seed, _ = _checks.seed_offset(generator, 0)
             except ValueError:
@@ -282,7 +283,10 @@ class TimestepSampler:
         if self.kind == "importance" and self.warm():
             pt_all = self.probabilities()
             self._check_distribution(pt_all, just_warm=not was_warm)
-            t = torch.multinomial(pt_all, num_samples=batch_size, replacement=True, generator=generator)
+            if batch_size == 0:  # multinomial refuses to draw no samples
+                t = torch.zeros(0, dtype=torch.long, device=self.device)
+            else:
+                t = torch.multinomial(pt_all, num_samples=batch_size, replacement=True, generator=generator)
             return t, pt_all.gather(dim=0, index=t) * self.steps
         t = torch.randint(0, self.steps, (batch_size,), device=self.device, generator=generator)
         return t, torch.ones(batch_size, dtype=torch.float64, device=self.device)

@@ -1,10 +1,12 @@
 """What every launcher shares: the CUDA device guard, the operand checks, and operands with unit
 column stride (the kernels index a row as ``base + r * row_stride + j``).
 
-F64_SCALARS: compiled Triton types a Python float argument as float32 (the interpreter keeps it a
-double, so tests there cannot see it). A float argument of a kernel that also computes in float64
-is therefore annotated ``tl.float64`` and cast to the kernel's compute dtype where it is used: a
-float64 step then uses the exact value, a float32 one the value rounded once, as before."""
+F64_SCALARS: compiled Triton types a Python float argument as float32, and the interpreter keeps it
+a Python float that the first operation (``tl.cast`` included) rounds to float32. A float argument
+of a kernel that also computes in float64 is therefore annotated ``tl.float64`` (compiled: a
+float64 scalar) and turned into the compute dtype with ``tl.full([], x, ACC)`` (a cast of that
+scalar; in the interpreter, a constant made from the Python float in ACC directly): a float64 step
+then uses the exact value on both, a float32 one the value rounded once."""
 
 from __future__ import annotations
 

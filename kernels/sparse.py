@@ -79,9 +79,9 @@ def _csr_layer_kernel(
             s = s * tl.load(cs_ptr + row).to(ACC)
         tl.store(next_ptr + row * d + cols, s, mask=dmask)
     if out_ptr is not None:
-        o = e * tl.cast(wk, ACC)
+        o = e * tl.full([], wk, ACC)
         if x0_ptr is not None:
-            o += tl.cast(w0, ACC) * tl.load(x0_ptr + row * x0_row_stride + cols, mask=dmask).to(ACC)
+            o += tl.full([], w0, ACC) * tl.load(x0_ptr + row * x0_row_stride + cols, mask=dmask).to(ACC)
         if READ_SUM:
             o += tl.load(sum_ptr + row * sum_row_stride + cols, mask=dmask)
         tl.store(out_ptr + row * out_row_stride + cols, round_to(o, out_ptr.dtype.element_ty), mask=dmask)

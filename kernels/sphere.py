@@ -5,7 +5,7 @@ q_sample and the sphere p_step, row by row over (B, d).
     normalize   out = x / max(|x|, eps)
     project     out = v - <x^, v> x^
     expmap      out = cos(th) x^ + sinc(th) u,      u = v - <x^, v> x^, th = |u|
-    logmap      out = th / sin(th) w,               w = y^ - cos(th) x^, th = 2 atan2(|y^-x^|, |y^+x^|)
+    logmap      out = th w / |w|,                   w = P_x^ c, c = y^ -+ x^ (the chord next to y^)
     distance    out = th
     q_sample    expmap(x0, s z),    s = float32(table[t[r]]), z = noise or Philox(seed, offset)
     p_step      y / max(|y|, 1e-12),  y = a x + b ((1 + w) f - w u) + c z
@@ -13,10 +13,12 @@ q_sample and the sphere p_step, row by row over (B, d).
 The meaning is ``diffcore.reference.sphere``; the CPU twin is csrc/cpu/sphere.cpp (the same
 formulas, edge cases and Philox indices ``r * d + j``). One program per ROWS rows; each sweeps its
 rows in BLOCK-column chunks: one sweep reduces, one writes (logmap and distance add a sweep for
-the chords; p_step and seeded q_sample recompute y and z in the writing sweep instead of storing
-them). float64 rows compute in float64, the others in float32. Triton has no atan2 on every
-backend (not in the interpreter), so the angle is refined from a rough guess by Newton steps on
-``|y| sin(phi) - |x| cos(phi)``, exact to rounding in float32 and float64.
+the chords, and logmap forms its chord with the same fma in both; p_step and seeded q_sample
+recompute y and z in the writing sweep instead of storing them). float64 rows compute in float64,
+the others in float32. Triton has no atan2 on every backend (not in the interpreter), so the angle
+is refined from a rough guess by Newton steps on ``|y| sin(phi) - |x| cos(phi)``, exact to
+rounding in float32 and float64. A NaN in a row makes the row NaN (maxima propagate NaN; the
+guards of zero rows test ``== 0``).
 
 Checks that need values cannot raise inside a kernel: each program writes a per-row flag (zero
 point rows; zero rows of normalize with eps = 0) and the launcher reads them back and raises, as
@@ -36,12 +38,13 @@ from .philox import philox_normal, seed_words
 SPHERE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_BLOCK = 1024  # columns per chunk at most; the values do not depend on it
 _ELEMENTS = 4096  # elements per program and chunk: ROWS * BLOCK
-_SERIES_BELOW: tl.constexpr = tl.constexpr(1e-4)  # th^2 under which the series forms are used
+_SERIES_BELOW: tl.constexpr = tl.constexpr(1e-4)  # th^2 under which sin(th) / th uses its series
 _P_STEP_EPS: tl.constexpr = tl.constexpr(1e-12)
 _HALF_PI: tl.constexpr = tl.constexpr(1.5707963267948966)
 _QUARTER_PI: tl.constexpr = tl.constexpr(0.7853981633974483)
 
-NORMALIZE, PROJECT, EXPMAP, LOGMAP, DISTANCE = 0, 1, 2, 3, 4
+# the maps (constexpr: a compiled kernel reads no other global)
+NORMALIZE, PROJECT, EXPMAP, LOGMAP, DISTANCE = (tl.constexpr(i) for i in range(5))
 _NAMES = ("sphere_normalize", "sphere_project", "sphere_expmap", "sphere_logmap", "sphere_geodesic_distance")
 
 
@@ -64,16 +67,6 @@ def _sinc(theta):
     small = t2 < _SERIES_BELOW
     safe = tl.where(small, 1.0, theta)
     return tl.where(small, 1.0 - t2 / 6.0 + t2 * t2 / 120.0, tl.sin(safe) / safe)
-
-
-@triton.jit
-def _inv_sinc(theta):
-    """th / sin(th) for th in [0, pi), its series below th^2 = 1e-4."""
-    t2 = theta * theta
-    small = t2 < _SERIES_BELOW
-    safe = tl.where(small, 1.0, theta)
-    series = 1.0 + t2 * (1.0 / 6.0 + t2 * (7.0 / 360.0 + t2 * (31.0 / 15120.0)))
-    return tl.where(small, series, safe / tl.sin(safe))
 
 
 @triton.jit
@@ -133,51 +126,61 @@ def _sphere_map_kernel(
         tl.store(bad_ptr + rows, tl.where(xx == 0.0, 1, tl.where(vv == 0.0, 2, 0)).to(tl.int8), mask=row_ok)
     else:
         tl.store(bad_ptr + rows, (xx == 0.0).to(tl.int8), mask=row_ok)
-    xx = tl.where(xx > 0.0, xx, 1.0)  # zero rows raise; keep the arithmetic finite
-    vv_safe = tl.where(vv > 0.0, vv, 1.0)
+    xx = tl.where(xx == 0.0, 1.0, xx)  # zero rows raise; keep their arithmetic finite (NaN stays)
+    vv_safe = tl.where(vv == 0.0, 1.0, vv)
     nx = tl.sqrt(xx)
 
     # per-row coefficients: out = alpha x + beta v
     alpha = 1.0 / nx
     beta = tl.zeros([ROWS], ACC)
     if MAP == NORMALIZE:
-        alpha = 1.0 / tl.maximum(nx, tl.cast(eps, ACC))
+        alpha = 1.0 / tl.maximum(nx, tl.full([], eps, ACC), propagate_nan=tl.PropagateNan.ALL)
     if MAP == PROJECT:
         alpha = -xv / xx
         beta = beta + 1.0
     if MAP == EXPMAP:
         lam = xv / xx
-        theta = tl.sqrt(tl.maximum(vv - xv * lam, 0.0))
+        theta = tl.sqrt(tl.maximum(vv - xv * lam, 0.0, propagate_nan=tl.PropagateNan.ALL))
         beta = _sinc(theta)
         alpha = tl.cos(theta) / nx - beta * lam
     if MAP == LOGMAP or MAP == DISTANCE:
-        # chords at a common scale: rho = |x| / |y| is exactly 1 for y = +-x
+        # chords at a common scale, c-+ = rho y -+ x: rho = |x| / |y| is exactly 1 for y = +-x
         rho = nx / tl.sqrt(vv_safe)
         p = tl.zeros([ROWS], ACC)
         q = tl.zeros([ROWS], ACC)
+        dm = tl.zeros([ROWS], ACC)  # <c-, x>
+        dp = tl.zeros([ROWS], ACC)  # <c+, x>
         for c0 in range(0, n_cols, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
             m = row_ok[:, None] & (cols[None, :] < n_cols)
             x = tl.load(xs + cols[None, :], mask=m, other=0.0).to(ACC)
-            y = rho[:, None] * tl.load(vs + cols[None, :], mask=m, other=0.0).to(ACC)
-            p += tl.sum((y - x) * (y - x), axis=1)
-            q += tl.sum((y + x) * (y + x), axis=1)
-        sp = tl.sqrt(p)
-        sq = tl.sqrt(q)
-        theta = 2.0 * _atan2_nonneg(sp, tl.where((p == 0.0) & (q == 0.0), 1.0, sq))
+            y = tl.load(vs + cols[None, :], mask=m, other=0.0).to(ACC)
+            cm = tl.fma(rho[:, None], y, -x)
+            cp = tl.fma(rho[:, None], y, x)
+            p += tl.sum(cm * cm, axis=1)
+            q += tl.sum(cp * cp, axis=1)
+            if MAP == LOGMAP:
+                dm += tl.sum(cm * x, axis=1)
+                dp += tl.sum(cp * x, axis=1)
+        theta = 2.0 * _atan2_nonneg(tl.sqrt(p), tl.where((p == 0.0) & (q == 0.0), 1.0, tl.sqrt(q)))
         if MAP == DISTANCE:
             tl.store(out_ptr + rows * out_stride, _rounded(theta, out_ptr.dtype.element_ty), mask=row_ok)
         else:
-            pq = tl.where(p + q > 0.0, p + q, 1.0)
+            # w = c - (<c, x> / |x|^2) x, the tangent part of the chord next to y, scaled to length
+            # theta: |w|^2 = |c|^2 - <c, x>^2 / |x|^2 is accurate to a few ulp wherever it is used
             near = p <= q
-            sin_theta = 2.0 * sp * sq / pq
-            # w = (rho y + sigma x) + mu x: the chord next to y^, then its 1 -+ cos(th) correction
-            r = tl.where(sin_theta == 0.0, 1.0, _inv_sinc(theta)) / nx
             sigma = tl.where(near, -1.0, 1.0)
-            mu = tl.where(near, 2.0 * p / pq, -2.0 * q / pq)
-            # exactly antipodal rows: pi (e_k - x_k x^) / sqrt(1 - x_k^2), k = 0 if |x_0| <= |x_1|
+            cc = tl.where(near, p, q)
+            cx = tl.where(near, dm, dp)
+            nbeta = -cx / xx
+            ww = cc - cx * (cx / xx)
+            # |w| <= |c| / 2 (exact unit points give >= cos(pi/4) |c|; d = 1 always, but NaN rows):
+            # the chord is rounding noise. 0 next to x^; next to -x^ the axis direction
+            # theta (e_k - x_k x^) / sqrt(1 - x_k^2), k = 0 if |x_0| <= |x_1| else 1
+            noise = 4.0 * ww <= cc
+            r = theta / tl.sqrt(tl.where(noise, 1.0, ww))
             has_tangent = tl.full([ROWS], 1, tl.int64) < n_cols  # d > 1 (S^0 has no tangents)
-            anti = (q == 0.0) & has_tangent
+            anti = noise & (p > q) & has_tangent
             x0 = tl.load(x_ptr + rows * x_row_stride, mask=row_ok, other=0.0).to(ACC)
             x1 = tl.load(x_ptr + rows * x_row_stride + 1, mask=row_ok & has_tangent, other=0.0).to(ACC)
             k = tl.where(tl.abs(x0) <= tl.abs(x1), 0, 1)
@@ -194,10 +197,9 @@ def _sphere_map_kernel(
                 res = alpha[:, None] * x
             elif MAP == LOGMAP:
                 y = tl.load(vs + cols[None, :], mask=m, other=0.0).to(ACC)
-                res = r[:, None] * ((rho[:, None] * y + sigma[:, None] * x) + mu[:, None] * x)
+                res = r[:, None] * tl.fma(nbeta[:, None], x, tl.fma(rho[:, None], y, sigma[:, None] * x))
                 at_k = tl.where(cols[None, :] == k[:, None], anti_scale[:, None], 0.0)
-                res = tl.where(anti[:, None], alpha[:, None] * x + at_k, res)
-                res = tl.where(has_tangent[:, None], res, 0.0)
+                res = tl.where(anti[:, None], alpha[:, None] * x + at_k, tl.where(noise[:, None], 0.0, res))
             else:
                 v = tl.load(vs + cols[None, :], mask=m, other=0.0).to(ACC)
                 res = alpha[:, None] * x + beta[:, None] * v
@@ -247,10 +249,10 @@ def _sphere_q_sample_kernel(
         xz += tl.sum(x * z, axis=1)
         zz += tl.sum(z * z, axis=1)
     tl.store(bad_ptr + rows, (xx == 0.0).to(tl.int8), mask=row_ok)
-    xx = tl.where(xx > 0.0, xx, 1.0)
+    xx = tl.where(xx == 0.0, 1.0, xx)
     s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     lam = xz / xx
-    theta = s * tl.sqrt(tl.maximum(zz - xz * lam, 0.0))
+    theta = s * tl.sqrt(tl.maximum(zz - xz * lam, 0.0, propagate_nan=tl.PropagateNan.ALL))
     beta = _sinc(theta) * s
     alpha = tl.cos(theta) / tl.sqrt(xx) - beta * lam
     for c0 in range(0, n_cols, BLOCK):
@@ -313,7 +315,7 @@ def _sphere_p_step_kernel(
 ):
     """``y / max(|y|, 1e-12)``; y is formed twice (reduce, then write) rather than stored."""
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
-    guidance = tl.cast(guidance, ACC)
+    guidance = tl.full([], guidance, ACC)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     a = tl.load(coef_ptr + 3 * rows, mask=row_ok, other=0.0).to(ACC)
@@ -326,7 +328,7 @@ def _sphere_p_step_kernel(
         y = _p_step_y(x_ptr, x_row_stride, f_ptr, f_row_stride, u_ptr, u_row_stride, z_ptr, z_row_stride,
                       rows, cols, m, n_cols, a, b, c, guidance, seed_lo, seed_hi, offset, SEEDED, ACC)
         yy += tl.sum(y * y, axis=1)
-    scale = 1.0 / tl.maximum(tl.sqrt(yy), _P_STEP_EPS)
+    scale = 1.0 / tl.maximum(tl.sqrt(yy), _P_STEP_EPS, propagate_nan=tl.PropagateNan.ALL)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         m = row_ok[:, None] & (cols[None, :] < n_cols)
@@ -358,7 +360,7 @@ def _raise_flagged(bad: torch.Tensor, op: str, names: tuple[str, str], normalize
     raise ValueError(f"{op}: {name}: row {r} is zero; a point on the sphere needs a nonzero row")
 
 
-def _map_out(kind: int, x: torch.Tensor, v: torch.Tensor | None, eps: float, out: torch.Tensor) -> None:
+def _map_out(kind: tl.constexpr, x: torch.Tensor, v: torch.Tensor | None, eps: float, out: torch.Tensor) -> None:
     op = _NAMES[kind]
     second = "y" if kind in (LOGMAP, DISTANCE) else "v"
     check_rows(x, "x", SPHERE_DTYPES)

@@ -355,7 +355,7 @@ def _bpr_forward_kernel(
 ):
     """``softplus(<u, n> - <u, p>) + wd / 2 (|u0|^2 + |p0|^2 + |n0|^2)`` for BLOCK_B batch rows,
     the features in chunks of BLOCK_D."""
-    weight_decay = tl.cast(weight_decay, ACC)
+    weight_decay = tl.full([], weight_decay, ACC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < n_batch
     u_idx, p_idx, n_idx = _bpr_index(users_ptr, pos_ptr, neg_ptr, rows, rmask)
@@ -403,7 +403,7 @@ def _bpr_backward_kernel(
     du = c (n - p), dp = -c u, dn = c u, and wd g times each ego row (into the score tables
     without ego tables). Two sweeps over the features in chunks of BLOCK_D: the scores, then the
     gradients."""
-    weight_decay = tl.cast(weight_decay, ACC)
+    weight_decay = tl.full([], weight_decay, ACC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < n_batch
     u_idx, p_idx, n_idx = _bpr_index(users_ptr, pos_ptr, neg_ptr, rows, rmask)
@@ -610,7 +610,7 @@ def _nce_forward_kernel(
     BK: tl.constexpr,
 ):
     """``logsumexp_j(<a_i, b_j> / tau) - <a_i, b_i> / tau`` for BM rows i."""
-    tau = tl.cast(tau, ACC)
+    tau = tl.full([], tau, ACC)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
     lse, diag = _nce_lse(a_ptr, i, b_ptr, n, d, tau, BN, BK, ACC)
     tl.store(rows_ptr + i, lse - diag, mask=i < n)
@@ -633,7 +633,7 @@ def _nce_backward_a_kernel(
 ):
     """``d/da^_i = g_i / tau (sum_j P_ij b^_j - b^_i)``, P the row softmax, for BM rows i and the
     BK features of program_id(1)."""
-    tau = tl.cast(tau, ACC)
+    tau = tl.full([], tau, ACC)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
     kd = tl.program_id(1) * BK + tl.arange(0, BK)
     lse, diag = _nce_lse(a_ptr, i, b_ptr, n, d, tau, BN, BK, ACC)
@@ -669,7 +669,7 @@ def _nce_backward_b_kernel(
 ):
     """``d/db^_j = 1 / tau (sum_i g_i P_ij a^_i - g_j a^_j)`` for BN columns j and the BK
     features of program_id(1)."""
-    tau = tl.cast(tau, ACC)
+    tau = tl.full([], tau, ACC)
     j = tl.program_id(0) * BN + tl.arange(0, BN)
     kd = tl.program_id(1) * BK + tl.arange(0, BK)
     acc = tl.zeros([BN, BK], dtype=ACC)

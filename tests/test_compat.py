@@ -154,6 +154,32 @@ def test_diffrec_unsupported_inputs_fall_back():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_diffrec_q_sample_falls_back_and_follows_changes():
+    """Timesteps the fused op takes (numpy ints too) run fused; others (a list, a noise not like
+    x_start) run the original; after noise_scale or betas change, the original runs."""
+    diffusion = _diffusion(steps=4, clamp=True)
+    x, noise = torch.rand(3, 7), torch.randn(3, 7)
+    expected = diffusion.q_sample(x, 9, noise=noise)
+    wide = torch.randn(1, 7)
+    with diffrec.accelerate(diffusion, clamp_t=True) as handle:
+        torch.testing.assert_close(diffusion.q_sample(x, np.int64(9), noise=noise), expected, **TOL)
+        originals, handle._originals = handle._originals, {}  # a fallback now raises KeyError
+        with pytest.raises(KeyError):
+            diffusion.q_sample(x, [1, 2, 3], noise=noise)
+        with pytest.raises(KeyError):
+            diffusion.q_sample(x, torch.tensor([1, 2, 3]), noise=wide)
+        handle._originals = originals
+        torch.testing.assert_close(diffusion.q_sample(x, torch.tensor([1, 2, 3]), noise=wide),
+                                   diffusion.sqrt_alphas_cumprod[[1, 2, 3], None].float() * x
+                                   + diffusion.sqrt_one_minus_alphas_cumprod[[1, 2, 3], None].float() * wide, **TOL)
+        diffusion.noise_scale = 0.0
+        assert not handle._supported(x)
+        diffusion.noise_scale = 0.1
+        assert handle._supported(x)
+        diffusion.betas = diffusion.betas.clone()
+        assert not handle._supported(x)
+
+
 def test_diffrec_non_contiguous_batch_keeps_the_originals_noise():
     """randn_like fills a non-contiguous x_start's layout in memory order, so accelerate runs the
     original loop for it: the same values as without accelerate, given the same global seed."""

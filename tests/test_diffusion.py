@@ -258,6 +258,84 @@ def test_outputs_that_repeat_memory_are_refused(schedule):
         torch.testing.assert_close(x0, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", impl_params("diffusion_step"))
+def test_negative_and_large_timesteps_raise_in_every_implementation(name, schedule):
+    """Tensor timesteps outside [0, T) raise in every implementation (indexing would wrap -1 to T - 1)."""
+    x, m = make((3, 6), torch.float32, seed=21)[:2]
+    with diffcore.use(name):
+        for t, clamp in ((torch.tensor([-1, 0, 1]), False), (torch.tensor([-1, 0, 1]), True),
+                         (torch.tensor([40, 0, 1]), False)):
+            with pytest.raises(RuntimeError, match=r"t: every timestep must lie in \[0, 40\), got t\[0\] = "):
+                diffcore.p_step(x, m, t, schedule, clamp_t=clamp)
+        with pytest.raises(RuntimeError, match=r"got t\[0\] = -1"):
+            diffcore.q_sample(x, torch.tensor([-1, 0, 1]), schedule, seed=0)
+
+
+@pytest.mark.parametrize("name", impl_params("diffusion_step"))
+def test_every_implementation_keeps_autograd(name, schedule):
+    """diffcore.use(name) runs that implementation with the op's autograd formula."""
+    x, m, u, z = (v.requires_grad_() for v in make((3, 6), torch.float32, seed=26))
+    t = torch.tensor([1, 4, 9])
+
+    def grads():
+        out = diffcore.p_step(x, m, t, schedule, uncond_out=u, guidance_scale=0.5, noise=z)
+        return torch.autograd.grad((out * torch.arange(6.0)).sum(), (x, m, u, z))
+
+    want = grads()
+    with diffcore.use(name):
+        got = grads()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_in_place_and_out_forms_refuse_autograd(schedule):
+    """The in-place and out= forms write without recording autograd: under grad mode an operand that
+    requires grad raises (as torch's out= functions do) instead of getting a wrong gradient; under
+    no_grad they run."""
+    x, m, _, z = (v.requires_grad_() for v in make((3, 6), torch.float32, seed=22))
+    calls = {
+        "x_t": lambda: diffcore.p_step_(x * 1, m.detach(), 2, schedule),
+        "model_out": lambda: diffcore.p_step_(x.detach().clone(), m, 2, schedule),
+        "out": lambda: diffcore.p_step(x.detach(), m.detach(), 2, schedule, out=torch.empty(3, 6).requires_grad_()),
+        "noise": lambda: diffcore.q_sample(x.detach(), 2, schedule, noise=z, out=torch.empty(3, 6)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name}: requires grad, but the in-place and out= forms"):
+            call()
+        with torch.no_grad():
+            call()
+
+
+def test_sample_keeps_gradients_through_the_denoiser(schedule):
+    """Under grad mode with a denoiser whose output requires grad, sample() steps out of place, so
+    its gradients are those of the step-by-step loop."""
+    x = make((3, 6), torch.float32, seed=23)[0]
+    w = torch.tensor(0.7, requires_grad=True)
+    short = diffcore.Schedule.linear(4)
+    got = torch.autograd.grad(diffcore.sample(lambda v, t: w * v, x, short).sum(), w)[0]
+    v, w2 = x, w.detach().clone().requires_grad_()
+    for i in reversed(range(4)):
+        v = ref.p_step(v, w2 * v, torch.full((3,), i), short)
+    torch.testing.assert_close(got, torch.autograd.grad(v.sum(), w2)[0])
+
+
+def test_sample_refuses_a_denoiser_that_returns_none(schedule):
+    calls = []
+
+    def denoiser(v, t):
+        calls.append(t)
+        return None if len(calls) == 2 else v
+
+    with pytest.raises(TypeError, match="model_out: expected a torch.Tensor, got NoneType"):
+        diffcore.sample(denoiser, make((3, 6), torch.float32, seed=24)[0], schedule)
+
+
+def test_one_step_schedule_with_beta_variance():
+    x, m = make((2, 5), torch.float32, seed=25)[:2]
+    S = diffcore.Schedule.linear(1)
+    torch.testing.assert_close(diffcore.p_step(x, m, 0, S, variance="beta", seed=1), diffcore.p_step(x, m, 0, S))
+
+
 def test_empty_batch(schedule):
     x = torch.empty(0, 10)
     assert diffcore.p_step(x, x.clone(), 3, schedule, seed=1).shape == (0, 10)
@@ -566,12 +644,24 @@ def bad_cases(schedule):
          r"out: expected shape \(4, 10\) \(the shape of x0\)"),
         (lambda: diffcore.q_sample(e := x[:1].expand(4, -1), 1, schedule, out=e, seed=0), ValueError,
          "x0: more than one of its elements refers to the same memory location"),
+        (lambda: diffcore.p_step(x, m, 1, schedule, out=torch.zeros(40).as_strided((4, 10), (5, 1))), ValueError,
+         r"out: more than one of its elements .*strides \(5, 1\)"),
+        (lambda: diffcore.ddim_step(x, m, 5, 2, schedule, eta=4.0, noise=z), RuntimeError,
+         r"eta: 4.0 makes sigma\^2 exceed 1 - ab\[t_prev\]"),
+        (lambda: diffcore.Schedule.linear(10, 1e-8, 1e-8, dtype=torch.float32), ValueError,
+         r"betas: 1 - betas\[0\] rounds to 1 in torch.float32"),
+        (lambda: diffcore.Schedule.from_betas([1e-17, 0.1]), ValueError, r"betas: 1 - betas\[0\] rounds to 1"),
     ]
 
 
 def test_numpy_integers_are_ints(schedule):
     """Timesteps, steps, seeds and offsets given as numpy integers act as the Python ints."""
     x, m, _, _ = make((4, 10), torch.float32, seed=3)
+    torch.testing.assert_close(diffcore.ddim_step(x, m, np.int64(7), np.int64(-1), schedule),
+                               diffcore.ddim_step(x, m, 7, -1, schedule), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="t_prev: expected t_prev < t"):
+        diffcore.ddim_step(x, m, np.int64(3), 5, schedule)
+    assert diffcore.Schedule.linear(np.int64(5)).num_steps == 5
     torch.testing.assert_close(diffcore.p_step(x, m, np.int64(7), schedule, seed=np.uint64(5), offset=np.int32(2)),
                                diffcore.p_step(x, m, 7, schedule, seed=5, offset=2), rtol=0, atol=0)
     torch.testing.assert_close(diffcore.sample(lambda x, t: m, x, schedule, steps=np.int64(3), seed=np.int64(1)),

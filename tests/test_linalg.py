@@ -26,7 +26,7 @@ from diffcore.linalg import RankDeficiencyWarning
 from diffcore.reference import linalg as ref
 from diffcore.reference.random import normal, philox4x32_10
 from diffcore.sparse import Adjacency
-from tests.utils import impl_params, strided_rows
+from tests.utils import impl_params, maybe_use, strided_rows
 
 KINDS = ("gaussian", "rademacher", "sparse")
 DTYPES = (torch.float32, torch.float64)
@@ -244,10 +244,13 @@ def test_zero_sparse_matrix_sketches_to_zeros():
         assert torch.equal(linalg.random_projection(operand, 3, "sparse"), expected), form
 
 
-def test_sketch_gradient():
+@pytest.mark.parametrize("name", [None, *impl_params("linalg_sketch")])
+def test_sketch_gradient(name):
+    """Through the dispatcher and under diffcore.use(name) (the op's autograd formula)."""
     A = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a: linalg.random_projection(a, 4, "sparse", 5, offset=2), (A,))
-    assert torch.autograd.gradcheck(lambda a: linalg.sketch(a.t(), 3, seed=1), (A,))
+    with maybe_use(name):
+        assert torch.autograd.gradcheck(lambda a: linalg.random_projection(a, 4, "sparse", 5, offset=2), (A,))
+        assert torch.autograd.gradcheck(lambda a: linalg.sketch(a.t(), 3, seed=1), (A,))
 
 
 def test_sketch_gradient_on_two_threads():
@@ -541,6 +544,52 @@ def test_rank_deficient_matrix_says_so(one_thread):
     with pytest.warns(RankDeficiencyWarning, match="numerical rank 0"):
         U, S, Vh = linalg.randomized_svd(torch.zeros(30, 20), 4)
     assert bool(torch.isfinite(U).all() and torch.isfinite(Vh).all()) and float(S.abs().max()) == 0
+    for normalizer in linalg.NORMALIZERS:  # exactly rank 1: LU meets exactly zero pivots
+        with pytest.warns(RankDeficiencyWarning, match="numerical rank 1 < k = 2"):
+            U, S, Vh = linalg.randomized_svd(torch.ones(6, 5), 2, normalizer=normalizer)
+        torch.testing.assert_close(S[0], torch.tensor(30.0).sqrt())
+
+
+# --- randomized SVD: any scale ---------------------------------------------------------------------
+SCALES = {torch.float32: (1e-30, 1e-8, 1e37), torch.float64: (1e-300, 1e-100, 1e300)}
+
+
+def scaled_forms(scale: float, dtype: torch.dtype) -> dict[str, object]:
+    """A Gaussian (40 x 30) matrix (dense and torch COO), a sparse (200 x 150) one with uniform
+    values (scipy CSR: a flat spectrum, so the power iterations skip normalisations) and, in
+    float32, a weighted symmetric Adjacency (norm="none"), all times ``scale``."""
+    gaussian = torch.from_numpy(np.random.default_rng(0).standard_normal((40, 30)) * scale).to(dtype)
+    uniform = sp.random(200, 150, density=0.05, random_state=0, format="csr") * scale
+    forms = {
+        "dense": gaussian,
+        "torch_coo": gaussian.to_sparse(),
+        "scipy_csr": uniform.astype(np.float32 if dtype == torch.float32 else np.float64),
+    }
+    if dtype == torch.float32:
+        symmetric = sp.random(50, 50, density=0.1, random_state=1, format="csr")
+        forms["adjacency"] = Adjacency.from_scipy((symmetric + symmetric.T) * scale, norm="none")
+    return forms
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_any_scale_gives_the_result_of_scale_one(dtype, one_thread):
+    """A times 1e-30, 1e-8 or 1e30 (float32; 1e-300, 1e-100 or 1e300 in float64), every form and
+    normalizer: S / scale, U and Vh as at scale 1, to rounding. Their Gram matrices and R^-1 used
+    to under- or overflow: float32 x 1e-11 raised a LinAlgError and x 1e-12 lost 2% of S with the
+    default cholqr2, a float32 sparse matrix x 1e-8 (no iterate normalised for three products)
+    7%, float64 x 1e-200 35%; float64 x 1e160 raised an OverflowError (cholqr2) or a LinAlgError
+    (qr)."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    base = scaled_forms(1.0, dtype)
+    for scale in SCALES[dtype]:
+        for form, A in scaled_forms(scale, dtype).items():
+            for normalizer in linalg.NORMALIZERS:
+                U0, S0, Vh0 = linalg.randomized_svd(base[form], 5, normalizer=normalizer)
+                U, S, Vh = linalg.randomized_svd(A, 5, normalizer=normalizer)
+                where = f"{form} x {scale:g}, {normalizer}"
+                torch.testing.assert_close(S / scale, S0, rtol=tol, atol=0, msg=where)
+                torch.testing.assert_close(U, U0, rtol=0, atol=100 * tol, msg=where)
+                torch.testing.assert_close(Vh, Vh0, rtol=0, atol=100 * tol, msg=where)
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -635,6 +684,20 @@ def test_non_finite_raises():
                 error = RuntimeError if form == "dense" and name != "randomized_svd" else ValueError
                 with pytest.raises(error, match="A: expected finite values, found NaN or Inf"):
                     fn(A)
+
+
+def test_too_large_for_its_dtype_raises():
+    """A whose largest singular value (or a dense A's sketch) exceeds its dtype's largest value,
+    every form and normalizer: a ValueError naming A and the dtype (a float32 A raised a
+    LinAlgError from inside the factorisations, a float64 one an OverflowError or a LinAlgError)."""
+    entries = 0.5 + np.random.default_rng(0).random((6, 5))  # S[0] about 4 times the largest entry
+    for dtype, big in ((np.float32, 1e38), (np.float64, 1e308)):
+        name = np.dtype(dtype).name
+        for form, A in every_form((entries * big).astype(dtype)).items():
+            for normalizer in linalg.NORMALIZERS:
+                with pytest.raises(ValueError, match=f"A: too large for {name}: its products .* exceed {name}'s "
+                                   "largest value"):
+                    linalg.randomized_svd(A, 2, normalizer=normalizer)
 
 
 def test_what_has_no_backward_refuses_inputs_that_require_grad():

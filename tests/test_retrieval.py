@@ -249,6 +249,7 @@ def test_exclude_indices_must_be_int32_or_int64():
     numpy_pair = (crow.numpy(), col.numpy().astype(np.int32))
     for exclude in ((crow.int(), col.int()), (crow.tolist(), col.tolist()), numpy_pair):
         _assert_exact(retrieval.topk(scores, 2, exclude=exclude), want)
+    _assert_exact(retrieval.topk(scores, 2, exclude=([0, 0, 0, 0], [])), retrieval.topk(scores, 2))  # no history
 
 
 def test_op_rejects_bad_arguments():

@@ -442,6 +442,49 @@ def test_outputs_that_repeat_memory_are_refused_and_aliased_operands_read_first(
         torch.testing.assert_close(xi, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", impl_params("sde_step"))
+def test_every_implementation_keeps_autograd(name):
+    """diffcore.use(name) runs that implementation with the op's autograd formula (both outputs)."""
+    sde = make_sde("vp")
+    x, s, z = (v.requires_grad_() for v in make((3, 6), seed=33)[:3])
+
+    def grads():
+        out, mean = S.euler_maruyama_step(x, s, 0.5, -0.01, sde, noise=z)
+        return torch.autograd.grad(out.sum() + 2 * mean.sum(), (x, s, z))
+
+    want = grads()
+    with diffcore.use(name):
+        got = grads()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_in_place_and_out_forms_refuse_autograd():
+    """Under grad mode an operand that requires grad raises in the in-place and out= forms (they do
+    not record autograd), rather than getting a wrong gradient."""
+    sde = make_sde("vp")
+    x, s = (v.requires_grad_() for v in make((3, 6), seed=31)[:2])
+    calls = {
+        "x": lambda: S.euler_maruyama_step_(x * 1, s.detach(), 0.5, -0.01, sde, seed=1),
+        "score": lambda: S.langevin_step(x.detach(), s, 0.1, sde, t=0.5, seed=1, out=torch.empty(3, 6)),
+        "mean_out": lambda: S.euler_maruyama_step(x.detach(), s.detach(), 0.5, -0.01, sde, seed=1,
+                                                  mean_out=torch.empty(3, 6).requires_grad_()),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name}: requires grad, but the in-place and out= forms"):
+            call()
+        with torch.no_grad():
+            call()
+
+
+@pytest.mark.parametrize("name", impl_params("sde_step"))
+def test_langevin_without_columns_is_empty(name):
+    x, s = make((3, 0), seed=32)[:2]
+    with diffcore.use(name):
+        out, mean = S.langevin_step(x, s, 0.1, make_sde("ve"), t=0.5, seed=1)
+    assert out.shape == mean.shape == (3, 0)
+
+
 def test_empty_batch():
     x = torch.empty(0, 10)
     out, mean = S.langevin_step(x, x.clone(), SNR, make_sde("vp"), t=0.5, seed=1)

@@ -200,6 +200,27 @@ def test_gradcheck(graph):
     assert torch.autograd.gradgradcheck(lambda v: sparse.propagate(adj, v, 2, "sum"), (x,))
 
 
+@pytest.mark.parametrize("name", impl_params("sparse_spmm"))
+def test_every_implementation_keeps_autograd(name):
+    """diffcore.use(name) runs that implementation with the op's autograd formula: the gradients
+    of the dispatcher's (gradchecked above)."""
+    adj = make_graph("directed")
+    x = features(adj, 4, torch.float64).requires_grad_()
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    calls = (lambda: sparse.spmm(adj, x), lambda: sparse.propagate(adj, x, 3, [0.3, 0.0, 1.0, 0.5]),
+             lambda: sparse.gcn_layer(adj, x, w, "tanh"))
+    for call in calls:
+        want = torch.autograd.grad((call() * torch.arange(1.0, 5.0)[: call().shape[1]]).sum(), (x, w),
+                                   allow_unused=True)
+        with diffcore.use(name):
+            out = call()
+            got = torch.autograd.grad((out * torch.arange(1.0, 5.0)[: out.shape[1]]).sum(), (x, w), allow_unused=True)
+        for g, v in zip(got, want):
+            assert (g is None) == (v is None)
+            if g is not None:
+                torch.testing.assert_close(g, v)
+
+
 def test_backward_matches_reference_autograd():
     """The backward runs over the cached transpose: equal to autograd through the COO stack."""
     adj = make_graph("directed")
@@ -411,6 +432,9 @@ def test_bad_construction():
         Adjacency.from_interactions([0], [0], 1, 1, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="edge values are constants"):
         Adjacency.from_interactions([0], [0], 1, 1, weights=torch.ones(1, requires_grad=True))
+    with pytest.raises(TypeError, match=r"values: expected real edge values \(floating point, integer or bool\), got "
+                       "torch.complex64"):
+        Adjacency.from_torch(torch.eye(3, dtype=torch.complex64).to_sparse())
     with pytest.raises(ValueError, match="negative degree"):
         Adjacency.from_interactions([0], [0], 1, 1, weights=[-1.0])
     with pytest.raises(ValueError, match="int32 cannot index"):
@@ -454,6 +478,79 @@ def test_from_torch_bad_indices():
         Adjacency.from_torch(unchecked_csr([0, 1, 1, 2], [0, -1]))
     good = Adjacency.from_torch(unchecked_csr([0, 1, 1, 2], [2, 0]), norm="none")  # a valid unchecked tensor
     assert torch.equal(good.to_sparse_coo().to_dense(), torch.tensor([[0.0, 0, 1], [0, 0, 0], [1, 0, 0]]))
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
+                                   np.uint64], ids=lambda d: np.dtype(d).name)
+def test_integer_edge_values(dtype):
+    """Edge values of every integer dtype (and bool) are real values, through every constructor
+    (int8, uint8 and int16 raised 'expected real edge values' while int32 and int64 were taken)."""
+    dense = np.array([[0, 2, 0], [2, 0, 2], [0, 2, 2]]).astype(dtype)  # bool: True, taken as 1
+    expected = torch.tensor(dense.astype(np.float32))
+    rows, cols = np.nonzero(dense)
+    values = torch.from_numpy(dense[rows, cols])
+    coo = torch.sparse_coo_tensor(torch.tensor(np.stack([rows, cols])), values, (3, 3), check_invariants=True)
+    for adj in (Adjacency.from_scipy(sp.csr_matrix(dense), norm="none"), Adjacency.from_torch(coo, norm="none")):
+        torch.testing.assert_close(adj.to_sparse_coo().to_dense(), expected, rtol=0, atol=0)
+    bipartite = Adjacency.from_interactions(rows, cols, 3, 3, weights=values, norm="none")
+    torch.testing.assert_close(bipartite.to_sparse_coo().to_dense()[:3, 3:], expected, rtol=0, atol=0)
+
+
+def test_from_scipy_bad_index_pointers():
+    """A CSR, CSC or BSR matrix whose indptr was replaced after scipy built it (scipy checks it only
+    then, and never its order): a ValueError naming it, as from_torch raises for the same arrays (a
+    decreasing indptr built another graph without a word)."""
+    def broken(fmt: str, indptr: list[int]):
+        matrix = sp.csr_matrix(np.eye(4)).asformat(fmt) if fmt != "bsr" else sp.bsr_matrix(np.eye(4), blocksize=(2, 2))
+        matrix.indptr = np.array(indptr, dtype=matrix.indptr.dtype)
+        return matrix
+
+    with pytest.raises(ValueError, match=r"^matrix: indptr: expected non-decreasing row pointers, got entry 1 = 2 > "
+                       r"entry 2 = 1$"):
+        Adjacency.from_scipy(broken("csr", [0, 2, 1, 3, 4]))
+    with pytest.raises(ValueError, match=r"^matrix: indptr \(a CSC matrix's: the row pointers of its transpose\): "
+                       r"expected non-decreasing row pointers, got entry 2 = 3 > entry 3 = 2"):
+        Adjacency.from_scipy(broken("csc", [0, 1, 3, 2, 4]))
+    with pytest.raises(ValueError, match=r"^matrix: indptr: expected non-decreasing row pointers, got entry 1 = 2 > "
+                       r"entry 2 = 1$"):
+        Adjacency.from_scipy(broken("bsr", [0, 2, 1]))
+    with pytest.raises(ValueError, match=r"^matrix: indptr: expected a last entry equal to the number of stored values "
+                       r"\(4\), got 3$"):
+        Adjacency.from_scipy(broken("csr", [0, 1, 2, 3, 3]))
+
+
+def test_from_torch_values_that_require_grad_raise():
+    """A sparse tensor built from values that require grad raises as from_interactions' weights do
+    (its values() never require grad: from_torch took them and dropped the gradient without a word)."""
+    v = torch.tensor([1.0, 2.0], requires_grad=True)
+    coo = torch.sparse_coo_tensor(torch.tensor([[0, 1], [0, 1]]), v, (2, 2), check_invariants=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = coo.to_sparse_csr()
+    for tensor in (coo, csr):
+        with pytest.raises(ValueError, match=r"tensor: edge values are constants .*; pass tensor.detach\(\)"):
+            Adjacency.from_torch(tensor)
+    assert torch.equal(Adjacency.from_torch(coo.detach(), norm="none").values, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"weights: edge values are constants .*; pass weights.detach\(\)"):
+        Adjacency.from_interactions([0, 1], [0, 1], 2, 2, weights=v)
+
+
+def test_sparse_features_raise():
+    """Sparse X, E0 or W: a TypeError naming the argument and the layout (an internal
+    NotImplementedError from the dispatcher before: no kernel for the SparseCPU backend)."""
+    adj = make_graph("bipartite")
+    x = features(adj, 4, torch.float32)
+    W = torch.randn(4, 2)
+    for layout, convert in ((torch.sparse_coo, torch.Tensor.to_sparse), (torch.sparse_csr, torch.Tensor.to_sparse_csr)):
+        message = f"expected a dense \\(strided\\) tensor, got layout {layout}"
+        with pytest.raises(TypeError, match=f"X: {message}"):
+            sparse.spmm(adj, convert(x))
+        with pytest.raises(TypeError, match=f"E0: {message}"):
+            sparse.propagate(adj, convert(x), 2)
+        with pytest.raises(TypeError, match=f"X: {message}"):
+            sparse.gcn_layer(adj, convert(x), W)
+        with pytest.raises(TypeError, match=f"W: {message}"):
+            sparse.gcn_layer(adj, x, convert(W))
 
 
 def test_bad_calls():

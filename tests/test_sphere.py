@@ -1,5 +1,6 @@
 """Geodesic sphere family: every implementation against the reference, gradients (float64
-gradcheck at v = 0, y = x and y = -x), identities, opcheck, compile, seeded noise and bad input."""
+gradcheck at v = 0, y = x and y = -x, and next to -x), identities, nearly antipodal logmap, NaN and
+underflowing rows, opcheck, compile (torch.compile; Triton for a GPU), seeded noise and bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import diffcore
 from diffcore import sphere
 from diffcore.reference import sphere as ref
 from diffcore.reference.random import normal
-from tests.utils import DTYPES, assert_close_to_reference, impl_params, strided_rows
+from tests.utils import DTYPES, assert_close_to_reference, impl_params, run_python, strided_rows
 
 DIMS = (1, 3, 63, 65, 257)
 ROWS = 6
@@ -268,6 +269,136 @@ def test_logmap_edges(name):
         torch.testing.assert_close(sphere.logmap(x[3:], y), torch.tensor([[0.0, angle, 0.0]]), rtol=1e-6, atol=5e-8)
 
 
+def near_antipodal_pair(delta, dtype, d=9, rows=4, seed=15):
+    """Unit rows x and y at the angle pi - delta (built in float64, then rounded to dtype), and the
+    float64 logmap ``(pi - delta) u`` of the float64 pair (u: the unit tangent towards y)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(rows, d, generator=g, dtype=torch.float64))
+    u = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    u = torch.nn.functional.normalize(u - (u * x).sum(1, keepdim=True) * x)
+    angle = math.pi - delta
+    y = math.cos(angle) * x + math.sin(angle) * u
+    return x.to(dtype), y.to(dtype), angle * u
+
+
+@pytest.mark.parametrize("name", impl_params("sphere_logmap"))
+def test_logmap_nearly_antipodal_has_length_theta(name):
+    """Nearly (not exactly) antipodal points: the tangent's direction may be off by ~eps / delta,
+    but it is tangent at x, its length is the angle (to rounding) and exp maps it back to y^."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(4, 9, generator=g)
+    opposite = [(x, -3.0 * x),  # opposite up to the rounding of y^ (3 is not a power of two)
+                (torch.tensor([[3.0, 0.0, 0.0], [0.0, -5.0, 0.0]]), torch.tensor([[-9.0, 0.0, 0.0], [0.0, 15.0, 0.0]]))]
+    for dtype, deltas, atol in ((torch.float32, (1e-2, 1e-4, 1e-6), 2e-6), (torch.float64, (1e-4, 1e-8, 1e-12), 1e-14)):
+        pairs = [(a.to(dtype), b.to(dtype)) for a, b in opposite] + [near_antipodal_pair(d, dtype)[:2] for d in deltas]
+        for xs, ys in pairs:
+            with diffcore.use(name):
+                log = sphere.logmap(xs, ys)
+                dist = sphere.geodesic_distance(xs, ys)
+                back = sphere.expmap(xs, log)
+            torch.testing.assert_close(log.norm(dim=1), dist, rtol=0, atol=atol)
+            assert float((log * sphere.normalize(xs)).sum(1).abs().max()) <= atol  # tangent at x
+            torch.testing.assert_close(back, sphere.normalize(ys), rtol=0, atol=3 * atol)
+    for delta in (1e-2, 1e-4):  # and the direction is right to ~eps / delta
+        x, y, want = near_antipodal_pair(delta, torch.float32)
+        with diffcore.use(name):
+            got = sphere.logmap(x, y)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6 / delta)
+
+
+@pytest.mark.parametrize("name", impl_params("sphere_logmap"))
+def test_logmap_antipodal_ignores_strides(name):
+    """y = -x counts as exactly antipodal whatever the layouts of x and y (the reference reduces
+    strided rows in another order): the documented geodesic towards e_k, of length pi."""
+    x = torch.randn(8, 34, generator=torch.Generator().manual_seed(1))[:, ::2]
+    with diffcore.use(name):
+        got = sphere.logmap(x, -x)
+        want = sphere.logmap(x.contiguous(), -x)
+        column_major = sphere.logmap(strided_rows(x.contiguous(), "column_major"), -x)
+    xu = x / x.norm(dim=1, keepdim=True)
+    k = (xu[:, 0].abs() > xu[:, 1].abs()).long()
+    xk = xu.gather(1, k[:, None])
+    axis = math.pi * (torch.nn.functional.one_hot(k, 17).float() - xk * xu) / torch.sqrt(1 - xk * xk)
+    for out in (got, want, column_major):
+        torch.testing.assert_close(out, axis, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op,name", op_impls(MAPS + ("q_sample", "p_step")))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_nan_rows_stay_nan(op, name, dtype, schedule):
+    """A NaN in a row makes the whole output row NaN, in every implementation (d = 1 too); other
+    rows are untouched."""
+    t = torch.full((ROWS,), 3)
+    for d in (1, 5):
+        x, v, y = (a.to(dtype) for a in rows(d, seed=18))
+        x[0, -1] = float("nan")
+        calls = {"q_sample": lambda: sphere.q_sample(x, t, schedule, noise=v),
+                 "p_step": lambda: sphere.p_step(x, v, t, schedule),
+                 "normalize": lambda: sphere.normalize(x, eps=0.0)}
+        with diffcore.use(name):
+            got = calls[op]() if op in calls else getattr(sphere, op)(*map_args(op, x, v, y))
+        assert bool(got[0].isnan().all()), (d, got[0])
+        assert bool(got[1:].isfinite().all())
+
+
+@pytest.mark.parametrize("name", impl_params("sphere_expmap"))
+def test_rows_whose_norm_underflows_are_zero(name, schedule):
+    """A nonzero row whose sum of squares underflows in the math dtype (float32 for float32 rows,
+    float64 for float64 rows) has no direction: every implementation raises as for a zero row."""
+    for dtype, tiny, fine in ((torch.float32, 1e-30, 1e-15), (torch.float64, 1e-170, 1e-30)):
+        x = torch.randn(4, 3, dtype=dtype)
+        x[2] = tiny
+        ok = torch.randn(4, 3, dtype=dtype)
+        with diffcore.use(name):
+            for call, match in ((lambda: sphere.project(x, ok), "x: row 2 is zero"),
+                                (lambda: sphere.expmap(x, ok), "x: row 2 is zero"),
+                                (lambda: sphere.logmap(x, ok), "x: row 2 is zero"),
+                                (lambda: sphere.logmap(ok, x), "y: row 2 is zero"),
+                                (lambda: sphere.geodesic_distance(ok, x), "y: row 2 is zero"),
+                                (lambda: sphere.q_sample(x, 3, schedule, seed=0), "x0: row 2 is zero"),
+                                (lambda: sphere.normalize(x, eps=0.0), "row 2 is zero and eps = 0")):
+                with pytest.raises(ValueError, match=match):
+                    call()
+            x[2] = fine  # small, but its norm is representable: an ordinary point
+            got = sphere.expmap(x, ok)
+        torch.testing.assert_close(got[2:3], ref.expmap(x[2:3] / fine, ok[2:3]))
+
+
+GPU_COMPILE = """
+import inspect, sys
+import triton
+from triton.backends import backends
+if "nvidia" not in backends:
+    print("skip: this Triton has no NVIDIA backend")
+    sys.exit(0)
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from diffcore.kernels import sphere
+kernel = sphere._sphere_map_kernel
+names = list(inspect.signature(kernel.fn).parameters)
+for f64, ty in ((False, "fp32"), (True, "fp64")):
+    for kind in range(5):
+        sig = dict.fromkeys(names, "i64")
+        sig.update(out_ptr=f"*{ty}", x_ptr=f"*{ty}", v_ptr=f"*{ty}", bad_ptr="*i8", eps="fp64")
+        consts = {"MAP": kind, "F64": f64, "ROWS": 2, "BLOCK": 16}
+        sig.update(dict.fromkeys(consts, "constexpr"))
+        source = ASTSource(kernel, sig, {(names.index(k),): v for k, v in consts.items()})
+        triton.compile(source, target=GPUTarget("cuda", 80, 32))
+print("compiled")
+"""
+
+
+def test_triton_maps_compile_for_a_gpu():
+    """The Triton map kernel compiles for a GPU (sm_80, no GPU needed), not only under the
+    interpreter, which is laxer: a compiled kernel reads no global but a ``tl.constexpr``."""
+    pytest.importorskip("triton")
+    res = run_python(GPU_COMPILE, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    assert res.returncode == 0, res.stderr[-4000:]
+    if res.stdout.startswith("skip"):
+        pytest.skip(res.stdout.strip())
+    assert res.stdout.split() == ["compiled"]
+
+
 # --- gradients ----------------------------------------------------------------------------------
 def grad_rows():
     """float64 rows with v = 0, y = x and y = -x exactly (gradcheck's perturbations leave the
@@ -295,6 +426,46 @@ def test_gradcheck_maps():
     assert bool(torch.isfinite(grads[0]).all())
 
 
+@pytest.mark.parametrize("name", impl_params("sphere_p_step"))
+def test_every_implementation_keeps_autograd(name, schedule):
+    """diffcore.use(name) runs that implementation with the op's autograd formula: the gradients
+    of the dispatcher's (gradchecked here); the in-place and out= forms refuse autograd."""
+    x, v, y = grad_rows()
+    m = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, 49, 7])
+    calls = (
+        (lambda: sphere.normalize(v + x), (x, v)), (lambda: sphere.project(x, v), (x, v)),
+        (lambda: sphere.expmap(x, v), (x, v)), (lambda: sphere.logmap(x[[0, 1, 3]], y[[0, 1, 3]]), (x, y)),
+        (lambda: sphere.geodesic_distance(x, y), (x, y)),
+        (lambda: sphere.q_sample(x, t, schedule, noise=v), (x, v)),
+        (lambda: sphere.p_step(x, m, t, schedule, noise=v), (x, m, v)),
+    )
+    weights = torch.arange(1.0, 6.0, dtype=torch.float64)
+    for call, inputs in calls:
+        want = torch.autograd.grad((call() * weights[: call().shape[-1]]).sum(), inputs, allow_unused=True)
+        with diffcore.use(name):
+            out = call()
+            got = torch.autograd.grad((out * weights[: out.shape[-1]]).sum(), inputs, allow_unused=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    with pytest.raises(RuntimeError, match="model_out: requires grad, but the in-place and out= forms"):
+        sphere.p_step_(x.detach().clone(), m, t, schedule)
+
+
+@pytest.mark.parametrize("name", impl_params("sphere_p_step"))
+def test_float64_scalars_are_exact(name, schedule):
+    """float64 rows use guidance_scale as given: 0.3 is not a float32 value, and a kernel that
+    rounded it would be off by ~1e-8 (kernels/_launch.py, F64_SCALARS)."""
+    x, v, _ = (a.detach() for a in grad_rows())
+    m, u = (torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    t = torch.tensor([0, 3, 49, 7])
+    with diffcore.use("reference"):
+        want = sphere.p_step(x, m, t, schedule, uncond_out=u, guidance_scale=0.3, noise=v)
+    with diffcore.use(name):
+        got = sphere.p_step(x, m, t, schedule, uncond_out=u, guidance_scale=0.3, noise=v)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+
+
 def test_gradcheck_diffusion(schedule):
     x, z, _ = grad_rows()
     m, u = (torch.randn(4, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -318,6 +489,23 @@ def test_float32_gradients_match_float64():
         out[dt] = torch.autograd.grad(loss, (xs, vs, ys))
     for a, b in zip(out[torch.float32], out[torch.float64]):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_logmap_gradients_near_antipodal():
+    """Next to antipodal points the float32 backward agrees with float64 (cos and sin come from the
+    chords: the sine of a float32 angle near pi is off by ~eps / delta), and gradcheck holds."""
+    g = torch.Generator().manual_seed(19)
+    for delta in (1e-2, 1e-3):
+        x, y, _ = near_antipodal_pair(delta, torch.float32)
+        grad_out = torch.randn(x.shape, generator=g, dtype=torch.float64)
+        out = {}
+        for dt in (torch.float32, torch.float64):
+            xs, ys = (a.to(dt).requires_grad_() for a in (x, y))
+            out[dt] = torch.autograd.grad(sphere.logmap(xs, ys), (xs, ys), grad_out.to(dt))
+        for a, b in zip(out[torch.float32], out[torch.float64]):
+            assert float((a.double() - b).norm() / b.norm()) <= 2e-5
+    x, y, _ = near_antipodal_pair(1e-2, torch.float64)
+    assert torch.autograd.gradcheck(sphere.logmap, (x.requires_grad_(), y.requires_grad_()))
 
 
 # --- opcheck and compile -------------------------------------------------------------------------

@@ -238,6 +238,14 @@ def test_warm_up_is_uniform_until_every_history_is_full():
                                atol=0)
 
 
+def test_sample_of_no_rows_once_warm():
+    sampler = TimestepSampler(3, "importance", history=1)
+    sampler.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0]))
+    assert sampler.warm()
+    t, pt = sampler.sample(0, seed=1)
+    assert t.shape == pt.shape == (0,) and t.dtype == torch.int64 and pt.dtype == torch.float64
+
+
 def test_sample_is_deterministic_for_a_seed():
     sampler = TimestepSampler(50, "uniform")
     t1, pt1 = sampler.sample(64, 7)
@@ -476,6 +484,43 @@ def test_triton_works_in_chunks(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, truth)):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", impl_params("training_info_nce"))
+def test_float64_scalars_are_exact(name):
+    """float64 losses use weight_decay and temperature as given: 0.3 is not a float32 value, and a
+    kernel that rounded it to one would be off by ~1e-8 (kernels/_launch.py, F64_SCALARS)."""
+    U, I, U0, I0 = bpr_tables(torch.float64, seed=12)
+    users, pos, neg = bpr_indices(seed=13)
+    a, b = make((9, 5), torch.float64, seed=14, count=2)
+    with diffcore.use(name):
+        bpr = bpr_loss((U, I), users, pos, neg, ego=(U0, I0), weight_decay=0.3, reduction="none")
+        nce = info_nce(a, b, 0.3, similarity="dot", reduction="none")
+    torch.testing.assert_close(bpr, ref.bpr_loss_op(U, I, users, pos, neg, U0, I0, 0.3, "none"), rtol=1e-13, atol=0)
+    torch.testing.assert_close(nce, ref.info_nce_op(a, b, 0.3, False, "none"), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("name", impl_params("training_bpr_loss"))
+def test_double_backward_raises(name, schedule):
+    """The loss ops' gradients come from fused backward kernels without derivatives: a backward
+    with create_graph=True through them raises rather than give a silently wrong second derivative;
+    a plain backward, and create_graph=True through inputs that need no grad, work."""
+    U = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    users, pos, neg = torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([3, 0])
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    losses = {
+        "training_bpr_loss": lambda: bpr_loss(U, users, pos, neg, weight_decay=0.1),
+        "training_info_nce": lambda: info_nce(U, U.flip(0), 0.5),
+        "training_diffusion_loss": lambda: diffusion_loss(U, x0, None, torch.tensor([1, 3, 0, 2]), schedule).sum(),
+    }
+    with diffcore.use(name):
+        for op, loss in losses.items():
+            with pytest.raises(RuntimeError, match=f"{op}: double backward \\(create_graph=True\\) is not supported"):
+                torch.autograd.grad(loss(), U, create_graph=True)
+            torch.autograd.grad(loss(), U)
+        w = torch.ones((), dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(w * bpr_loss(U.detach(), users, pos, neg), w, create_graph=True)
+        assert g.requires_grad is False
 
 
 # --- opcheck, compile, dispatch -----------------------------------------------------------------

@@ -5,6 +5,7 @@ The tolerances and the low-precision rule live with the ops in ``diffcore._cases
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from diffcore._cases import DTYPES, FP32_TOL, standard_tolerance
 from diffcore._cases import arrange as _arrange
 
 __all__ = [
-    "DTYPES", "FP32_TOL", "assert_close_to_reference", "impl_params", "run_python", "run_with_isa", "strided_rows",
+    "DTYPES", "FP32_TOL", "assert_close_to_reference", "impl_params", "maybe_use", "run_python", "run_with_isa",
+    "strided_rows",
 ]
 
 
@@ -30,6 +32,11 @@ def impl_params(op: str, device: str = "cpu") -> list:
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def maybe_use(name: str | None):
+    """``diffcore.use(name)``, or nothing (the dispatcher) for None."""
+    return diffcore.use(name) if name is not None else contextlib.nullcontext()
 
 
 def assert_close_to_reference(out: torch.Tensor, ref_fp32: torch.Tensor, ref_same_dtype: torch.Tensor) -> None:

@@ -72,7 +72,7 @@ void bind_guided_step(Op& op, const GuidedStepViews& v, const TableRows& coef, d
     op.noise_stride = v.z->stride(0);
   }
   op.coef = coef.view();
-  op.guidance = static_cast<float>(guidance);
+  op.guidance = static_cast<decltype(op.guidance)>(guidance);  // sphere: double, for float64 rows
   op.seeded = seed.has_value();
   op.seed = static_cast<uint64_t>(seed.value_or(0));
   op.offset = static_cast<uint64_t>(offset);

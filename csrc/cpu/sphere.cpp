@@ -5,13 +5,14 @@
 //   normalize  out = x / max(|x|, eps)              (eps = 0 and a zero row: ValueError)
 //   project    out = v - <x^, v> x^
 //   expmap     out = cos(th) x^ + sinc(th) u,       u = v - <x^, v> x^, th = |u|
-//   logmap     out = th / sin(th) w,                w = y^ - cos(th) x^
+//   logmap     out = th w / |w|,                    w = P_x^ c, c = y^ -+ x^ (the chord next to y^)
 //   distance   out = th = 2 atan2(|y^ - x^|, |y^ + x^|)
 //   q_sample   expmap(x0, s z),      s = float32(table[t[r]]), z = noise or Philox(seed, offset)
 //   p_step     y / max(|y|, 1e-12),  y = a x + b ((1 + w) f - w u) + c z, (a, b, c) = table[t[r]]
-// Philox noise takes element r * d + j of the stream. sin(th)/th and th/sin(th) use their series
-// below th^2 = 1e-4. Exactly antipodal logmap rows (y^ + x^ == 0) take the geodesic towards e_k,
-// k = 0 if |x_0| <= |x_1| else 1 (0 when d = 1). diffcore/reference/sphere.py is the meaning.
+// Philox noise takes element r * d + j of the stream. sin(th)/th uses its series below th^2 = 1e-4.
+// logmap rows whose chord is rounding noise (|w| <= |c| / 2) give 0 next to x^ and, next to -x^
+// (y = -x among them), the geodesic towards e_k, k = 0 if |x_0| <= |x_1| else 1 (0 when d = 1).
+// diffcore/reference/sphere.py is the meaning.
 //
 // Rows go in blocks of up to one vector's worth: one sweep reduces each row's dot products, the
 // block's row scalars (cos, sin, atan2) are computed as one vector (SLEEF in the AVX2/AVX512
@@ -61,7 +62,7 @@ struct SphereOperands {
   int64_t noise_stride = 0;
   RowCoefficients coef;  // row r: q_sample s; p_step a, b, c
   double eps = 0.0;             // normalize
-  float guidance = 0.0f;
+  double guidance = 0.0;  // rounded to float for the float32 math of the other dtypes
   bool seeded = false;
   uint64_t seed = 0, offset = 0;
 };
@@ -99,14 +100,6 @@ inline A sinc(A theta) {  // sin(th) / th
   const A t2 = theta * theta;
   if (t2 < static_cast<A>(kSeriesBelow)) return A(1) - t2 / A(6) + t2 * t2 / A(120);
   return std::sin(theta) / theta;
-}
-
-template <typename A>
-inline A inv_sinc(A theta) {  // th / sin(th), th in [0, pi)
-  const A t2 = theta * theta;
-  if (t2 < static_cast<A>(kSeriesBelow))
-    return A(1) + t2 * (A(1) / A(6) + t2 * (A(7) / A(360) + t2 * (A(31) / A(15120))));
-  return theta / std::sin(theta);
 }
 
 // out[j] = alpha x[j] + beta v[j] (v null: alpha x[j]); V is T or float (a noise buffer).
@@ -208,70 +201,78 @@ inline void exp_coefficients(const double* xx, const double* xv, const double* v
   }
 }
 
-// logmap / distance coefficients of a block from the chords p, q: theta = 2 atan2(sqrt p, sqrt q)
-// and r = theta / sin(theta) (its series near 0; meaningless where q = 0, handled per row).
-inline void log_coefficients(const float* p, const float* q, float* theta, float* r) {
-  const FVec vp = FVec::loadu(p), vq = FVec::loadu(q), one(1.0f);
-  const FVec th = FVec(2.0f) * vp.sqrt().atan2(vq.sqrt());
-  th.store(theta);
-  const FVec t2 = th * th, small = t2 < FVec(static_cast<float>(kSeriesBelow));
-  const FVec safe = FVec::blendv(th, one, small);
-  const FVec series =
-      one + t2 * (FVec(1.0f / 6.0f) + t2 * (FVec(7.0f / 360.0f) + t2 * FVec(31.0f / 15120.0f)));
-  FVec::blendv(safe / safe.sin(), series, small).store(r);
+// logmap / distance angles of a block from the chords p, q: theta = 2 atan2(sqrt p, sqrt q).
+inline void log_angles(const float* p, const float* q, float* theta) {
+  (FVec(2.0f) * FVec::loadu(p).sqrt().atan2(FVec::loadu(q).sqrt())).store(theta);
 }
 
-inline void log_coefficients(const double* p, const double* q, double* theta, double* r) {
-  for (int64_t i = 0; i < kLanes; ++i) {
-    theta[i] = 2.0 * std::atan2(std::sqrt(p[i]), std::sqrt(q[i]));
-    r[i] = inv_sinc(theta[i]);
-  }
+inline void log_angles(const double* p, const double* q, double* theta) {
+  for (int64_t i = 0; i < kLanes; ++i) theta[i] = 2.0 * std::atan2(std::sqrt(p[i]), std::sqrt(q[i]));
 }
 
-// The squared chords of the rows at a common scale: P = |rho y - x|^2, Q = |rho y + x|^2 with
-// rho = |x| / |y| (so P / |x|^2 = |y^ - x^|^2). rho is exactly 1 for y = +-x, which keeps P (Q)
-// exactly 0 there even where the compiler fuses rho y - x into one fma.
-template <typename T>
-void chords_row(const T* x, const T* y, int64_t n, Acc<T> rho, Acc<T>& p, Acc<T>& q) {
+// The squared chords of the rows at a common scale: P = |c-|^2, Q = |c+|^2 with c-+ = rho y -+ x
+// and rho = |x| / |y| (so P / |x|^2 = |y^ - x^|^2); with kDots also <c-, x> and <c+, x>. Every
+// sweep forms c-+ as one fma, fma(rho, y, -+x), so log_write's sweep sees the same chord (rounding
+// noise for y^ = +-x^, where any other rounding would change it). rho is exactly 1 for y = +-x
+// (c = 0 there).
+template <bool kDots, typename T>
+void chords_row(const T* x, const T* y, int64_t n, Acc<T> rho, Acc<T>& p, Acc<T>& q, Acc<T>& dm,
+                Acc<T>& dp) {
   using A = Acc<T>;
-  p = q = A(0);
+  p = q = dm = dp = A(0);
   int64_t j = 0;
   if constexpr (kVectorised<T>) {
-    const FVec vrho(rho);
-    FVec sp(0.0f), sq(0.0f);
+    const FVec vrho(rho), vminus(-1.0f);
+    FVec sp(0.0f), sq(0.0f), sdm(0.0f), sdp(0.0f);
     for (; j + kStep <= n; j += kStep) {
       FVec x0, x1, y0, y1;
       load2(x + j, x0, x1);
       load2(y + j, y0, y1);
-      y0 = vrho * y0;
-      y1 = vrho * y1;
-      const FVec d0 = y0 - x0, d1 = y1 - x1, e0 = y0 + x0, e1 = y1 + x1;
+      const FVec d0 = at::vec::fmadd(vrho, y0, vminus * x0), d1 = at::vec::fmadd(vrho, y1, vminus * x1);
+      const FVec e0 = at::vec::fmadd(vrho, y0, x0), e1 = at::vec::fmadd(vrho, y1, x1);
       sp = at::vec::fmadd(d0, d0, at::vec::fmadd(d1, d1, sp));
       sq = at::vec::fmadd(e0, e0, at::vec::fmadd(e1, e1, sq));
+      if constexpr (kDots) {
+        sdm = at::vec::fmadd(d0, x0, at::vec::fmadd(d1, x1, sdm));
+        sdp = at::vec::fmadd(e0, x0, at::vec::fmadd(e1, x1, sdp));
+      }
     }
     p = lane_sum(sp);
     q = lane_sum(sq);
+    if constexpr (kDots) {
+      dm = lane_sum(sdm);
+      dp = lane_sum(sdp);
+    }
   }
   for (; j < n; ++j) {
-    const A xj = static_cast<A>(x[j]), yj = rho * static_cast<A>(y[j]);
-    p += (yj - xj) * (yj - xj);
-    q += (yj + xj) * (yj + xj);
+    const A xj = static_cast<A>(x[j]), yj = static_cast<A>(y[j]);
+    const A d = std::fma(rho, yj, -xj), e = std::fma(rho, yj, xj);
+    p += d * d;
+    q += e * e;
+    if constexpr (kDots) {
+      dm += d * xj;
+      dp += e * xj;
+    }
   }
 }
 
-// Writes logmap's row from its chords: w = (rho y + sigma x) + mu x, the chord next to y^ and its
-// 1 -+ cos(th) correction, scaled by r / |x|. Exactly antipodal rows (q == 0) take the geodesic
-// towards e_k, k = 0 if |x_0| <= |x_1| else 1; d = 1 (S^0, no tangent directions) gives 0.
+// Writes logmap's row: th w / |w| with w = c - (<c, x> / |x|^2) x the tangent part of the chord
+// next to y (c = rho y - x when p <= q, else rho y + x; cc = |c|^2, cx = <c, x>), its c_j formed
+// by the same fma as in chords_row. |w|^2 = cc - cx^2 / |x|^2 is accurate to a few ulp wherever
+// it is used: for exact unit points |w| >= cos(pi/4) |c|, and |w| <= |c| / 2 means the chord is rounding
+// noise: then 0 next to x^, and next to -x^ the geodesic towards e_k, k = 0 if |x_0| <= |x_1|
+// else 1 (0 when d = 1: S^0 has no tangent directions).
 template <typename T>
-void log_write(T* out, const T* x, const T* y, int64_t n, Acc<T> xx, Acc<T> rho, Acc<T> p, Acc<T> q,
-               Acc<T> theta, Acc<T> r) {
+void log_write(T* out, const T* x, const T* y, int64_t n, Acc<T> xx, Acc<T> rho, bool near, Acc<T> cc,
+               Acc<T> cx, Acc<T> theta) {
   using A = Acc<T>;
-  const A rx = A(1) / std::sqrt(xx);
-  if (n == 1) {
-    out[0] = static_cast<T>(0);
-    return;
-  }
-  if (q == A(0)) {
+  const A ww = cc - cx * (cx / xx);
+  if (A(4) * ww <= cc) {  // always for d = 1, but a NaN row
+    if (near || n == 1) {
+      std::fill_n(out, n, static_cast<T>(0));
+      return;
+    }
+    const A rx = A(1) / std::sqrt(xx);
     const int64_t k = std::abs(static_cast<A>(x[0])) <= std::abs(static_cast<A>(x[1])) ? 0 : 1;
     const A xk = rx * static_cast<A>(x[k]);
     const A scale = theta / std::sqrt(A(1) - xk * xk);
@@ -279,24 +280,22 @@ void log_write(T* out, const T* x, const T* y, int64_t n, Acc<T> xx, Acc<T> rho,
     out[k] = static_cast<T>(scale * (A(1) - xk * xk));
     return;
   }
-  const A sigma = p <= q ? A(-1) : A(1);
-  const A mu = p <= q ? A(2) * p / (p + q) : A(-2) * q / (p + q);
-  r *= rx;
+  const A sigma = near ? A(-1) : A(1), nbeta = -cx / xx, scale = theta / std::sqrt(ww);
   int64_t j = 0;
   if constexpr (kVectorised<T>) {
-    const FVec vrho(rho), vsigma(sigma), vmu(mu), vr(r);
+    const FVec vrho(rho), vsigma(sigma), vnbeta(nbeta), vscale(scale);
     for (; j + kStep <= n; j += kStep) {
       FVec x0, x1, y0, y1;
       load2(x + j, x0, x1);
       load2(y + j, y0, y1);
-      const FVec w0 = at::vec::fmadd(vmu, x0, at::vec::fmadd(vrho, y0, vsigma * x0));
-      const FVec w1 = at::vec::fmadd(vmu, x1, at::vec::fmadd(vrho, y1, vsigma * x1));
-      store2(out + j, vr * w0, vr * w1);
+      const FVec w0 = at::vec::fmadd(vnbeta, x0, at::vec::fmadd(vrho, y0, vsigma * x0));
+      const FVec w1 = at::vec::fmadd(vnbeta, x1, at::vec::fmadd(vrho, y1, vsigma * x1));
+      store2(out + j, vscale * w0, vscale * w1);
     }
   }
   for (; j < n; ++j) {
     const A xj = static_cast<A>(x[j]);
-    out[j] = static_cast<T>(r * ((rho * static_cast<A>(y[j]) + sigma * xj) + mu * xj));
+    out[j] = static_cast<T>(scale * std::fma(nbeta, xj, std::fma(rho, static_cast<A>(y[j]), sigma * xj)));
   }
 }
 
@@ -310,7 +309,7 @@ void map_rows(SphereMap map, const SphereOperands& op, int64_t begin, int64_t en
   for (int64_t r0 = begin; r0 < end; r0 += rows_per_block) {
     const int64_t m = std::min(rows_per_block, end - r0);
     alignas(64) A xx[kLanes], xv[kLanes], vv[kLanes], p[kLanes], q[kLanes], rho[kLanes];
-    alignas(64) A one[kLanes], alpha[kLanes], beta[kLanes];
+    alignas(64) A dm[kLanes], dp[kLanes], one[kLanes], alpha[kLanes], beta[kLanes];
     std::fill(xx, xx + kLanes, A(1));  // lanes without a row stay finite
     std::fill(xv, xv + kLanes, A(0));
     std::fill(vv, vv + kLanes, A(1));
@@ -334,11 +333,15 @@ void map_rows(SphereMap map, const SphereOperands& op, int64_t begin, int64_t en
       }
       if (logs && !zero[i]) {
         rho[i] = std::sqrt(xx[i]) / std::sqrt(vv[i]);  // chords at |x|'s scale: rho = 1 for y = +-x
-        chords_row(x, v, n, rho[i], p[i], q[i]);
+        if (map == SphereMap::kLogmap) {
+          chords_row<true>(x, v, n, rho[i], p[i], q[i], dm[i], dp[i]);
+        } else {
+          chords_row<false>(x, v, n, rho[i], p[i], q[i], dm[i], dp[i]);
+        }
       }
     }
     if (map == SphereMap::kExpmap) exp_coefficients(xx, xv, vv, one, alpha, beta);
-    if (logs) log_coefficients(p, q, alpha, beta);  // alpha: theta, beta: theta / sin(theta)
+    if (logs) log_angles(p, q, alpha);  // alpha: theta
     for (int64_t i = 0; i < m; ++i) {
       if (zero[i]) continue;
       const int64_t r = r0 + i;
@@ -357,7 +360,11 @@ void map_rows(SphereMap map, const SphereOperands& op, int64_t begin, int64_t en
           axpby_row(out, alpha[i], x, beta[i], v, n);
           break;
         case SphereMap::kLogmap:
-          log_write(out, x, v, n, xx[i], rho[i], p[i], q[i], alpha[i], beta[i]);
+          if (p[i] <= q[i]) {
+            log_write(out, x, v, n, xx[i], rho[i], true, p[i], dm[i], alpha[i]);
+          } else {
+            log_write(out, x, v, n, xx[i], rho[i], false, q[i], dp[i], alpha[i]);
+          }
           break;
         case SphereMap::kDistance:
           *out = static_cast<T>(alpha[i]);
@@ -418,7 +425,7 @@ void p_step_row(const SphereOperands& op, int64_t r, Acc<T>* y, const float* dra
   const int64_t n = op.cols;
   const float* cf = op.coef.row(r);
   const A a = cf[0], b = cf[1], c = cf[2];
-  const A w = op.guidance, w1 = A(1) + A(op.guidance);
+  const A w = static_cast<A>(op.guidance), w1 = A(1) + w;
   const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
   const T* f = static_cast<const T*>(op.v) + r * op.v_stride;
   const T* u = op.u == nullptr ? nullptr : static_cast<const T*>(op.u) + r * op.u_stride;

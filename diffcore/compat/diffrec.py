@@ -23,8 +23,11 @@ products into one float64 coefficient).
 
 Calls the replacement does not cover fall back to the original method: ``noise_scale == 0``,
 inputs that are not contiguous 2-D float32 tensors (a non-contiguous batch: see ``_supported``),
-a ``steps`` that is not an int in ``[0, steps]``, or an
-object whose ``steps`` changed since :func:`accelerate`.
+a ``steps`` that is not an int in ``[0, steps]``, a ``q_sample`` timestep that is not an int or
+an integer tensor on x_start's device or a noise not like x_start, or an object whose ``steps``,
+``noise_scale`` or ``betas`` (the tensor itself: a new one assigned) changed since
+:func:`accelerate` (the schedule is built once, from the values then; edit a ``betas`` tensor in
+place and the tables no longer describe it: restore and accelerate again).
 
 DDRM clamps timesteps ``t >= T`` to the last table entry: ``accelerate(diffusion, clamp_t=True)``
 (``q_sample`` clamps ``t``, ``p_sample`` accepts ``steps > T`` and starts at ``T - 1``).
@@ -37,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from diffcore import _checks
 from diffcore.diffusion import Schedule, p_step, q_sample, sample
 
 __all__ = ["accelerate", "AcceleratedDiffusion"]
@@ -103,6 +107,7 @@ class AcceleratedDiffusion:
                 raise TypeError("diffusion.betas: expected a tensor (DiffRec builds it when noise_scale != 0)")
             if betas.dim() != 1 or betas.numel() != self.num_steps:
                 raise ValueError(f"diffusion.betas: expected shape ({self.num_steps},), got {tuple(betas.shape)}")
+            self._betas = betas  # the tensor the schedule was built from (see _supported)
             self.schedule = Schedule(betas.detach().to(torch.float64), noise_scale=self.noise_scale)
             self._schedules[self.schedule.device] = self.schedule
             if check_tables:
@@ -143,15 +148,21 @@ class AcceleratedDiffusion:
             and x.dtype == torch.float32
             and x.is_contiguous()
             and int(self.diffusion.steps) == self.num_steps
+            and float(self.diffusion.noise_scale) == self.noise_scale
+            and getattr(self.diffusion, "betas", None) is self._betas
         )
 
     def q_sample(self, x_start: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """``sqrt(ab[t]) x_start + sqrt(1 - ab[t]) noise`` in one fused op; noise drawn with
         ``torch.randn_like(x_start)`` when not given, as DiffRec does."""
-        if not self._supported(x_start):
+        t_ok = _checks.is_int(t) or (isinstance(t, torch.Tensor) and not t.dtype.is_floating_point
+                                     and t.device == x_start.device)
+        noise_ok = noise is None or (isinstance(noise, torch.Tensor) and noise.shape == x_start.shape
+                                     and noise.dtype == x_start.dtype and noise.device == x_start.device)
+        if not (self._supported(x_start) and t_ok and noise_ok):
             return self._originals["q_sample"](x_start, t, noise)
         if self.clamp_t:
-            t = min(t, self.num_steps - 1) if isinstance(t, int) else t.clamp(max=self.num_steps - 1)
+            t = min(int(t), self.num_steps - 1) if _checks.is_int(t) else t.clamp(max=self.num_steps - 1)
         return q_sample(x_start, t, self._schedule_on(x_start.device), noise=noise)
 
     def p_sample(
@@ -161,11 +172,11 @@ class AcceleratedDiffusion:
         """DiffRec's reverse loop with one fused step per timestep (see the module docstring)."""
         T = self.num_steps
         valid_steps = (
-            not isinstance(steps, bool) and isinstance(steps, int) and steps >= 0 and (steps <= T or self.clamp_t)
+            _checks.is_int(steps) and steps >= 0 and (steps <= T or self.clamp_t)
         )
         if not (self._supported(x_start) and valid_steps):
             return self._originals["p_sample"](model, x_start, steps, sampling_noise)
-        steps = min(steps, T)
+        steps = min(int(steps), T)
         schedule = self._schedule_on(x_start.device)
         if torch.is_grad_enabled():
             return self._p_sample_autograd(model, x_start, steps, bool(sampling_noise), schedule)

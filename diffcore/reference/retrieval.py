@@ -8,8 +8,8 @@ The meaning of ``torch.ops.diffcore.retrieval_topk(x, items, k, crow, col)`` (DE
     scores[r, col[crow[r]:crow[r+1]]] = -inf       (each row's history; duplicates allowed)
     values, ids = the first k of each row sorted by score, descending, ties to the lower item id
 
-So a row with fewer than k unmasked items returns them first, then masked items (score -inf) in id
-order. NaN scores are an error (the kernels cannot order them).
+So a row with fewer than k items above -inf returns them first, then the items at -inf (masked,
+or scored -inf themselves) in id order. NaN scores are an error (the kernels cannot order them).
 """
 
 from __future__ import annotations

@@ -240,7 +240,7 @@ def step(
     if snr is not None:
         z_norm = torch.norm(z, dim=-1).mean() if z is not None else torch.zeros(())
         s_norm = (k.abs()[:, 0] * torch.norm(s32, dim=-1)).mean()
-        if float(s_norm) == 0:
+        if float(s_norm) == 0 and x.numel() > 0:  # no elements: nothing to step, as the kernels
             raise RuntimeError(ZERO_SCORE)
         ratio = snr * z_norm / s_norm
         bk, c = bk * ratio**2, c * ratio

@@ -6,17 +6,24 @@ input dtype. The choices every backend shares (written out in ``diffcore.sphere`
 
 - Off-sphere points are projected: a base point ``x`` (and ``y`` of ``logmap``) is used as
   ``x / |x|``, and a tangent vector as its projection ``P_x v = v - <x, v> x``, so every op is
-  defined (and differentiable) for any nonzero rows. A zero point row has no projection: the ops
-  raise on it (:func:`check_points`, called by the registered reference, not by these functions).
+  defined (and differentiable) for any nonzero rows. A point row whose norm is 0 in the math dtype
+  (all zeros, or so small that its sum of squares underflows: norm below ~1e-23 in float32 math,
+  ~1e-162 in float64) has no direction: the ops raise on it (:func:`check_points`, called by the
+  registered reference, not by these functions), as the kernels do.
+- Rows are made contiguous first (:func:`acc`), so a result does not depend on the strides (a
+  reduction's order does): ``y = -x`` is exactly antipodal whatever the layouts of x and y.
 - Near ``|v| = 0`` the factors ``sin(t) / t`` (and ``t / sin(t)``) use their series below
   ``t^2 = 1e-4``, exact to the float64 rounding there, so ``v = 0`` gives ``x`` and finite gradients.
 - Angles come from the chord lengths ``|x - y|`` and ``|x + y|``: ``theta = 2 atan2(|x - y|,
   |x + y|)``, accurate for nearly identical and for nearly antipodal points (no clamped ``acos``).
-- ``logmap`` of exactly antipodal points (``x^ + y^ == 0`` in floating point, e.g. ``y = -x``)
-  picks the geodesic leaving ``x`` towards the coordinate axis ``e_k``, ``k = 0`` if
-  ``|x_0| <= |x_1|`` else ``1``: ``pi (e_k - x_k x) / sqrt(1 - x_k^2)``, so
-  ``expmap(x, logmap(x, y)) = y`` still holds; for ``d = 1`` (a tangent space of dimension 0) it
-  is 0. Its gradient there is defined as 0 (the map is not differentiable at antipodal points).
+- ``logmap`` is ``theta n`` with n the unit tangent direction from x^ towards y^, taken from the
+  tangent part of the chord next to y^ (:func:`_log_direction`). Where that part is rounding noise
+  (every pair of exact unit points gives at least ``cos(pi/4)`` of the chord; noise only below half
+  of it): nearly identical points give 0, and nearly or exactly antipodal points (``y = -x``) take
+  the geodesic towards the coordinate axis ``e_k``, ``k = 0`` if ``|x_0| <= |x_1|`` else ``1``:
+  ``theta (e_k - x_k x) / sqrt(1 - x_k^2)``, so ``expmap(x, logmap(x, y)) = y`` still holds; for
+  ``d = 1`` (a tangent space of dimension 0) it is 0. Its gradient there is defined as 0 (the map
+  is not differentiable at antipodal points).
 - ``p_step`` ends with ``y / max(|y|, 1e-12)``: a zero ``y`` stays zero.
 
 Eager and readable, no in-place tricks: this is the meaning the kernels are tested against and the
@@ -25,7 +32,6 @@ baseline the bench times.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,8 +47,9 @@ P_STEP_EPS = 1e-12  # the floor of |y| in p_step's final normalisation (as in no
 
 
 def acc(x: torch.Tensor) -> torch.Tensor:
-    """The math dtype of ``x``: float64 stays float64, everything else computes in float32."""
-    return x.double() if x.dtype == torch.float64 else x.float()
+    """``x`` contiguous in its math dtype: float64 stays float64, everything else computes in
+    float32 (contiguous rows reduce in one order, whatever the strides of the input)."""
+    return (x.double() if x.dtype == torch.float64 else x.float()).contiguous()
 
 
 def sinc(theta: torch.Tensor) -> torch.Tensor:
@@ -64,8 +71,9 @@ def inv_sinc(theta: torch.Tensor) -> torch.Tensor:
 
 
 def check_points(name: str, x: torch.Tensor) -> None:
-    """Raises if a row of ``x`` is zero (it has no direction on the sphere)."""
-    zero = (x == 0).all(dim=1)
+    """Raises if a row of ``x`` has norm 0 in the math dtype (it has no direction on the sphere):
+    a zero row, or one whose sum of squares underflows, as in the kernels."""
+    zero = acc(x).norm(dim=1) == 0
     if bool(zero.any()):
         r = int(zero.nonzero()[0, 0])
         raise ValueError(f"{name}: row {r} is zero; a point on the sphere needs a nonzero row")
@@ -79,6 +87,10 @@ def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         r = int((norm[:, 0] == 0).nonzero()[0, 0])
         raise ValueError(f"x: row {r} is zero and eps = 0, so it has no direction; pass eps > 0")
     return (xa / norm.clamp_min(eps)).to(x.dtype)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(dim=1, keepdim=True)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -122,29 +134,46 @@ def geodesic_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (2 * torch.atan2(p.sqrt(), q.sqrt()))[:, 0].to(x.dtype)
 
 
-def logmap(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``log_x(y) = theta w / sin(theta)`` with ``w = y^ - cos(theta) x^`` the tangent part of y^.
+def _log_direction(xu: torch.Tensor, yu: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The unit tangent direction n from x^ towards y^ (B, d), 0 where it is rounding noise, and
+    the mask (B, 1) of the antipodal such rows (y^ next to -x^), whose direction the caller picks.
 
-    w is formed from the chord next to it, ``(y^ - x^) + (1 - cos) x^`` when cos >= 0 and
-    ``(y^ + x^) - (1 + cos) x^`` otherwise, with ``1 - cos = 2 p / (p + q)``: exact for nearly
-    identical and for nearly antipodal points. Exactly antipodal rows: see the module docstring."""
+    n is the tangent part ``w = c - <c, x^> x^`` of the chord next to y^ (``c = y^ - x^`` when
+    ``p <= q``, else ``y^ + x^``; ``P c = P y^`` exactly, but c carries no rounding of the far
+    point), normalised by its own norm. For exact unit points ``|w| >= cos(pi/4) |c|``; below
+    ``|c| / 2`` the chord is rounding noise (e.g. ``y = -3 x``, or ``y = -x`` itself) and w is not."""
+    near = p <= q
+    chord = torch.where(near, yu - xu, yu + xu)
+    w = chord - _rowdot(chord, xu) * xu
+    ww = _rowdot(w, w)
+    noise = 4 * ww <= torch.where(near, p, q)
+    n = torch.where(noise, 0.0, w / torch.where(noise, 1.0, ww.sqrt()))
+    return n, noise & ~near
+
+
+def _axis_direction(xu: torch.Tensor) -> torch.Tensor:
+    """The unit tangent direction at x^ towards the axis e_k, ``k = 0`` if ``|x_0| <= |x_1|`` else
+    1: ``(e_k - x_k x^) / sqrt(1 - x_k^2)``; 0 when d = 1 (S^0 has no tangent directions)."""
+    d = xu.shape[1]
+    if d == 1:
+        return torch.zeros_like(xu)
+    k = (xu[:, 0].abs() > xu[:, 1].abs()).long()
+    xk = xu.gather(1, k[:, None])
+    e_k = torch.nn.functional.one_hot(k, d).to(xu.dtype)
+    return (e_k - xk * xu) / torch.sqrt(1 - xk * xk)
+
+
+def logmap(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``log_x(y) = theta n``: the unit tangent direction n from x^ towards y^ (the tangent part of
+    the chord next to y^, :func:`_log_direction`) at length theta, exactly, so for nearly antipodal
+    points too. Where the chord is rounding noise: 0 for nearly identical points, the axis
+    direction (:func:`_axis_direction`) for nearly or exactly antipodal ones."""
     xu, yu, p, q = _chords(x, y)
     theta = 2 * torch.atan2(p.sqrt(), q.sqrt())
-    near = p <= q
-    w = torch.where(near, (yu - xu) + (2 * p / (p + q)) * xu, (yu + xu) - (2 * q / (p + q)) * xu)
-    out = inv_sinc(theta) * w
-    antipodal = q == 0
+    n, antipodal = _log_direction(xu, yu, p, q)
     if bool(antipodal.any()):
-        d = x.shape[1]
-        if d == 1:
-            direction = torch.zeros_like(xu)
-        else:
-            k = (xu[:, 0].abs() > xu[:, 1].abs()).long()
-            xk = xu.gather(1, k[:, None])
-            e_k = torch.nn.functional.one_hot(k, d).to(xu.dtype)
-            direction = (e_k - xk * xu) / torch.sqrt(1 - xk * xk)
-        out = torch.where(antipodal, math.pi * direction, out)
-    return out.to(x.dtype)
+        n = torch.where(antipodal, _axis_direction(xu), n)
+    return (theta * n).to(x.dtype)
 
 
 # --- diffusion on the sphere ---------------------------------------------------------------------
@@ -239,10 +268,6 @@ def _p_step_y(
 # --- gradients: vector-Jacobian products of the ops (their backward), finite everywhere ----------
 # Row scalars that lose precision near 0 (cancellation in the closed forms) are evaluated in
 # float64 with series below theta = 0.1.
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(dim=1, keepdim=True)
-
-
 def _unit_backward(x_unit: torch.Tensor, norm: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
     """The gradient at x of ``x / |x|`` given the gradient at the unit row: ``P_x grad / |x|``."""
     return (grad_unit - x_unit * _rowdot(x_unit, grad_unit)) / norm
@@ -258,16 +283,23 @@ def _sinc_derivative_over_theta(theta: torch.Tensor) -> torch.Tensor:
     return torch.where(small, series, (safe * torch.cos(safe) - torch.sin(safe)) / safe**3).to(theta.dtype)
 
 
-def _inv_sinc_derivative_over_sin(theta: torch.Tensor) -> torch.Tensor:
-    """``(t / sin t)' / sin t = (sin t - t cos t) / sin^3 t``; series ``1/3 + 2 t^2/15 + ...`` below
-    0.1 (infinite at pi: only used where sin t > 0)."""
-    t = theta.double()
+def _log_factors(theta: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """logmap's row factors ``r = t / sin t``, ``m = (sin t - t cos t) / sin t`` and ``a = sin t - t
+    cos t`` (cos and sin from the chords, accurate near pi, where sin(theta) of a rounded theta is
+    not). Below t = 0.1 (cancellation) the series of ``(sin t - t cos t) / sin^3 t = 1/3 + 2 t^2/15
+    + ...``; up to pi/2 that closed form in t, in float64 (r, m and a are infinite or meaningless
+    at pi: only used where the direction is not rounding noise)."""
+    t, c, s = theta.double(), cos.double(), sin.double()
     t2 = t * t
     small = t2 < 1e-2
     series = 1 / 3 + t2 * (2 / 15 + t2 * (2 / 63 + t2 * (4 / 675 + t2 * 2 / 2079)))
     safe = torch.where(small, torch.ones_like(t), t)
     closed = (torch.sin(safe) - safe * torch.cos(safe)) / torch.sin(safe) ** 3
-    return torch.where(small, series, closed).to(theta.dtype)
+    over_sin3 = torch.where(small, series, closed)
+    a = torch.where(c < 0, s - t * c, over_sin3 * s**3)
+    m = torch.where(c < 0, a / s, over_sin3 * s**2)
+    r = torch.where(t2 < SERIES_BELOW, inv_sinc(t), t / s)
+    return r.to(theta.dtype), m.to(theta.dtype), a.to(theta.dtype)
 
 
 def normalize_backward(x: torch.Tensor, eps: float, grad: torch.Tensor) -> torch.Tensor:
@@ -311,7 +343,8 @@ def expmap_backward(x: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> tup
 
 
 def _log_parts(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Unit rows, norms, angle, cos, sin, the tangent part w and the antipodal mask."""
+    """Unit rows, norms, angle, cos, sin (from the chords), the unit tangent direction n from x^
+    towards y^ (0 where it is rounding noise) and the antipodal mask of :func:`_log_direction`."""
     xa, ya = acc(x), acc(y)
     nx, ny = xa.norm(dim=1, keepdim=True), ya.norm(dim=1, keepdim=True)
     xu, yu = xa / nx, ya / ny
@@ -319,19 +352,20 @@ def _log_parts(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     q = ((yu + xu) ** 2).sum(dim=1, keepdim=True)
     theta = 2 * torch.atan2(p.sqrt(), q.sqrt())
     cos, sin = (q - p) / (p + q), 2 * (p * q).sqrt() / (p + q)
-    w = torch.where(p <= q, (yu - xu) + (2 * p / (p + q)) * xu, (yu + xu) - (2 * q / (p + q)) * xu)
-    return xu, yu, nx, ny, theta, cos, sin, w, q == 0
+    n, antipodal = _log_direction(xu, yu, p, q)
+    return xu, yu, nx, ny, theta, cos, sin, n, antipodal
 
 
 def logmap_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``theta / sin(theta) w``. Finite at y = x (the series); at exactly antipodal
-    rows, where the map is not differentiable, the gradient is defined as 0."""
-    xu, yu, nx, ny, theta, cos, sin, w, antipodal = _log_parts(x, y)
+    """Gradients of ``theta n = theta / sin(theta) (y^ - cos(theta) x^)``. Finite at y = x (the
+    series); at antipodal rows (those of :func:`logmap`'s axis direction), where the map is not
+    differentiable, the gradient is defined as 0."""
+    xu, yu, nx, ny, theta, cos, sin, n, antipodal = _log_parts(x, y)
     ga = acc(grad)
-    gw = _rowdot(ga, w)
-    q_fac = _inv_sinc_derivative_over_sin(theta)
-    h = q_fac * cos * gw * w + inv_sinc(theta) * ga
-    e = -q_fac * sin * sin * gw - _rowdot(h, xu)
+    gn = _rowdot(ga, n)
+    r, m, a = _log_factors(theta, cos, sin)
+    h = m * cos * gn * n + r * ga
+    e = -a * gn - _rowdot(h, xu)
     grad_yu = torch.where(antipodal, torch.zeros_like(h), h + e * xu)
     grad_xu = torch.where(antipodal, torch.zeros_like(h), -cos * h + e * yu)
     return _unit_backward(xu, nx, grad_xu).to(x.dtype), _unit_backward(yu, ny, grad_yu).to(y.dtype)
@@ -340,12 +374,11 @@ def logmap_backward(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> tup
 def geodesic_distance_backward(
     x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the angle; 0 where it is not differentiable (y = x and y = -x exactly), which
-    is also what a central difference gives there."""
-    xu, yu, nx, ny, theta, cos, sin, w, _ = _log_parts(x, y)
+    """Gradients of the angle; 0 where it is not differentiable (y = x and y = -x, up to rounding),
+    which is also what a central difference gives there."""
+    xu, yu, nx, ny, theta, cos, sin, n, _ = _log_parts(x, y)
     g = acc(grad)[:, None]
-    direction = torch.where(sin > 0, w / torch.where(sin > 0, sin, torch.ones_like(sin)), torch.zeros_like(w))
-    h = g * cos * direction
+    h = g * cos * n
     e = -g * sin - _rowdot(h, xu)
     grad_yu, grad_xu = h + e * xu, -cos * h + e * yu
     return _unit_backward(xu, nx, grad_xu).to(x.dtype), _unit_backward(yu, ny, grad_yu).to(y.dtype)

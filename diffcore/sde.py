@@ -408,7 +408,7 @@ def _score_scale(prediction: str, std: object, t: Time, x: torch.Tensor, sde: SD
         return -1.0 / std
     if isinstance(std, torch.Tensor):
         std = _per_row("std", std, x)
-        torch._assert_async((std > 0).all(), "std: every std must be > 0")
+        torch._assert_async(((std > 0) & torch.isfinite(std)).all(), "std: every std must be finite and > 0")
         return -1.0 / std
     return -1.0 / _positive("std", std, "std > 0")
 

@@ -585,6 +585,8 @@ def bad_cases():
         (lambda: S.reverse_diffusion_step(x, s, 0.5, vp, std=0.3), ValueError, "std: only a noise prediction"),
         (lambda: S.reverse_diffusion_step(x, s, 0.5, vp, prediction="eps", std=-1.0), ValueError,
          "std: expected std > 0"),
+        (lambda: S.reverse_diffusion_step(x, s, 0.5, vp, prediction="eps", std=torch.full((x.shape[0],), math.inf)),
+         RuntimeError, "std: every std must be finite and > 0"),
         (lambda: S.reverse_diffusion_step(x.long(), s, 0.5, vp), TypeError, "x: expected float32"),
         (lambda: S.reverse_diffusion_step(x.double(), s.double(), 0.5, vp), TypeError, "x: expected float32"),
         (lambda: S.reverse_diffusion_step(x[0], s[0], 0.5, vp), ValueError, "x: expected a 2-D tensor"),

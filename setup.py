@@ -49,7 +49,8 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"the CMake build did not produce {built}")
 
 
-ext_modules = [] if os.environ.get("DIFFCORE_NO_EXT") else [CMakeExtension("diffcore._C")]
+# DIFFCORE_NO_EXT set and neither empty nor 0 (diffcore._library.no_ext_requested; setup cannot import it)
+ext_modules = [] if os.environ.get("DIFFCORE_NO_EXT", "") not in ("", "0") else [CMakeExtension("diffcore._C")]
 
 setup(
     packages=["diffcore", "diffcore.reference", "diffcore.kernels", "diffcore.nn", "diffcore.compat"],

@@ -15,6 +15,7 @@ import torch
 from bench import FAMILIES, harness, machine, report
 from bench.core import SUITES, Config
 from bench.progress import Progress
+from diffcore import _checks
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -183,7 +184,7 @@ def _configure(args: argparse.Namespace) -> tuple[Config, list[ModuleType]]:
                          f"known families: {', '.join(FAMILIES)}")
     if not args.list:
         for option, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
-            problem = path and report.check_writable(path, option)
+            problem = path and _checks.writable_path(path, option)
             if problem:
                 raise UsageError(problem)
         if args.plot and report.plot_available():

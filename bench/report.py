@@ -213,19 +213,6 @@ def render(result: dict) -> str:
 
 
 # --- files --------------------------------------------------------------------------------------
-def check_writable(path: str, option: str) -> str | None:
-    """None if ``path`` can be written, else a message saying why not (checked before the run)."""
-    p = Path(path)
-    if p.is_dir():
-        return f"{option} {path}: is a directory"
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        return f"{option} {path}: the directory {parent} does not exist"
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        return f"{option} {path}: not writable"
-    return None
-
-
 def write_atomic(path: str, data: bytes) -> None:
     """Writes the whole file or nothing: a temporary file in the same directory, then a rename."""
     p = Path(path)
@@ -312,7 +299,10 @@ def load_result(path: str) -> dict:
         raise ValueError(f"{path}: cannot read ({exc})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not JSON ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "config" not in data:
+    fields = ("family", "op", "workload", "shape", "dtype", "variant", "mode", "provider", "status", "p20_ms", "p50_ms",
+              "p80_ms")
+    if (not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "config" not in data
+            or not all(isinstance(r, dict) and all(f in r for f in fields) for r in data["rows"])):
         raise ValueError(f"{path}: not a bench result (written by `python -m bench --json PATH`)")
     return data
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -241,3 +243,17 @@ def out_tensor(out: object, ref: torch.Tensor, others: dict[str, torch.Tensor | 
                 raise ValueError(f"out: must not share memory with {name} (only {ref_name} may be written in place)")
     untracked_write({ref_name: ref, **others, "out": out})
     return out
+
+
+def writable_path(path: str, option: str) -> str | None:
+    """None if a command-line tool can write ``path`` (given as ``option``), else a message saying
+    why not: checked before a run, so its output is not lost at the end."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{option} {path}: is a directory"
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        return f"{option} {path}: the directory {parent} does not exist"
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        return f"{option} {path}: not writable"
+    return None

@@ -166,10 +166,15 @@ _register_autograd("diffusion_step", _step_backward, _step_setup_context)
 
 
 # --- the C++ extension --------------------------------------------------------------------------
+def no_ext_requested() -> bool:
+    """Whether ``DIFFCORE_NO_EXT`` asks for a pure-Python diffcore (set, and neither empty nor 0)."""
+    return os.environ.get("DIFFCORE_NO_EXT", "") not in ("", "0")
+
+
 def _load_extension() -> tuple[object | None, str | None]:
     """``diffcore._C``, or the build at ``DIFFCORE_EXT_PATH`` (a .so: a development build tried
     without reinstalling), or None and the reason."""
-    if os.environ.get("DIFFCORE_NO_EXT"):
+    if no_ext_requested():
         return None, "DIFFCORE_NO_EXT is set"
     path = os.environ.get("DIFFCORE_EXT_PATH")
     try:

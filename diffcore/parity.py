@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 import diffcore
-from diffcore import _cases, _library, _registry
+from diffcore import _cases, _checks, _library, _registry
 from diffcore._registry import Implementation
 
 __all__ = ["main", "check", "Row", "NotRun", "Report"]
@@ -192,7 +192,7 @@ def check(families: Sequence[str], devices: Sequence[torch.device], *, quick: bo
         runs, skipped = plan(op, devices)
         not_run += skipped
         _check_op(fam.name, op, cases, runs, rows)
-    if _library._C is None and not os.environ.get("DIFFCORE_NO_EXT"):  # as DESIGN.md's test rule
+    if _library._C is None and not _library.no_ext_requested():  # as DESIGN.md's test rule
         row = Row(REFERENCE, "-", "diffcore._C", "cpu", "cpu", "-", "-", "-")
         row.failures.append({"case": "-", "message": f"{_library.EXTENSION_MISSING}: the C++ CPU kernels are not "
                              "checked (DIFFCORE_NO_EXT=1 declares a pure-Python install)"})
@@ -448,6 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.interpret and not interpreting():
         return _reexec_interpreted(list(sys.argv[1:] if argv is None else argv))
+    for option, values in (("--only", args.only), ("--device", args.device)):
+        if values and not _split(values):
+            parser.error(f"{option}: expected comma-separated names, got {','.join(values)!r}")
+    problem = args.json and _checks.writable_path(args.json, "--json")
+    if problem:
+        parser.error(problem)
     try:
         families = select_families(_split(args.only))
         devices = select_devices(_split(args.device))

@@ -321,6 +321,10 @@ class Adjacency:
 
     def to(self, device: torch.device | str) -> Adjacency:
         """A copy on ``device`` (every array moved, the transpose included)."""
+        if isinstance(device, bool) or not isinstance(device, (torch.device, str, int)):
+            raise TypeError(f"device: expected a torch.device, a device string or index, got {type(device).__name__} "
+                            "(an Adjacency's edge values are float32, its indices int64/int32: no dtype to change)")
+        device = torch.device(device)
         moved = Adjacency.__new__(Adjacency)
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):

@@ -169,9 +169,10 @@ def test_bad_input(argv, message, capsys):
 
 def test_compare_rejects_other_json(tmp_path, capsys):
     other = tmp_path / "other.json"
-    other.write_text('{"not": "a bench result"}')
-    assert cli.main(["--compare", str(other), str(other)]) == 2
-    assert "not a bench result" in capsys.readouterr().err
+    for text in ('{"not": "a bench result"}', '{"rows": [{}], "config": {}}'):  # rows without their fields too
+        other.write_text(text)
+        assert cli.main(["--compare", str(other), str(other)]) == 2
+        assert "not a bench result" in capsys.readouterr().err
 
 
 def test_list(capsys, keep_threads):

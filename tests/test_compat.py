@@ -475,6 +475,27 @@ def test_samplers_reject_bad_arguments():
     for grad in (False, True):
         with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="x_T: expected 2 rows"):
             dreamrec(h, torch.randn(8), torch.randn(1, 8), seed=1)  # not broadcast to the batch
+    with pytest.raises(TypeError, match="null_condition: expected dtype torch.float32"):
+        dreamrec(h, torch.randn(8, dtype=torch.float64), seed=1)
+
+
+def test_samplers_draw_alike_with_and_without_grad_for_strided_starts():
+    """A non-contiguous x_T: every step's noise is drawn in row-major order with grad mode on or off."""
+    schedule = diffcore.Schedule.linear(4)
+    x_T = torch.randn(8, 3).t()
+    dreamrec = diffcore.nn.DreamRecSampler(lambda x, c, t: 0.5 * x + c, schedule, 1.5)
+    diffurec = diffcore.nn.DiffuRecSampler(lambda x, t: 0.5 * x, schedule)
+    runs = {
+        "dreamrec": lambda: dreamrec(torch.ones(3, 8), torch.zeros(8), x_T),
+        "diffurec": lambda: diffurec(x_T, generator=torch.Generator().manual_seed(2)),
+    }
+    for name, run in runs.items():
+        outs = []
+        for grad in (False, True):
+            torch.manual_seed(5)
+            with torch.set_grad_enabled(grad):
+                outs.append(run())
+        torch.testing.assert_close(outs[0], outs[1], msg=name)
 
 
 class RecBoleLightGCN(nn.Module):

@@ -722,3 +722,7 @@ def test_pure_python_install_falls_back_to_the_reference_with_one_warning():
     env = {**os.environ, "DIFFCORE_NO_EXT": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert res.stdout.split()[0] == "1" and "DIFFCORE_NO_EXT" in res.stdout
+    if diffcore._library._C is not None:  # 0 (or empty) leaves the extension on
+        env["DIFFCORE_NO_EXT"] = "0"
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert res.stdout.split()[0] == "0" and "live" in res.stdout

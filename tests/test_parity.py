@@ -90,6 +90,9 @@ def test_table_shows_every_row(quick_run):
         (["--only", "diffusion_step"], "op of the family diffusion"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--device", "cuda:99"], "'cuda:99' is not available"),
+        (["--only", ","], "--only: expected comma-separated names, got ','"),
+        (["--device", " ,"], "--device: expected comma-separated names"),
+        (["--only", "random", "--json", "/nonexistent-dir/out.json"], "the directory /nonexistent-dir does not exist"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):

@@ -406,6 +406,9 @@ def test_lightgcn_propagation_module():
 
 # --- bad input ---------------------------------------------------------------------------------------
 def test_bad_construction():
+    for bad in (torch.float64, 3.0, True):
+        with pytest.raises(TypeError, match="device: expected a torch.device"):
+            Adjacency.from_interactions([0], [0], 1, 1).to(bad)
     with pytest.raises(ValueError, match="users: ids must be < 3, got 3"):
         Adjacency.from_interactions([0, 3], [0, 1], 3, 2)
     with pytest.raises(ValueError, match="items: ids must be non-negative, got -1"):

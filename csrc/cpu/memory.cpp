@@ -7,6 +7,7 @@
 
 #include <diffcore/memory.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
@@ -35,7 +36,8 @@ size_t pool_cap_bytes() {
     const long long mb = v != nullptr ? std::strtoll(v, &end, 10) : 1024;
     TORCH_CHECK(v == nullptr || (end != v && *end == '\0' && mb >= 0),
                 "DIFFCORE_POOL_MB: expected a non-negative integer (MiB), got '", v, "'");
-    return static_cast<size_t>(mb) << 20;
+    constexpr long long kMaxMb = static_cast<long long>(SIZE_MAX >> 21);  // more than any machine: no cap
+    return static_cast<size_t>(std::min(mb, kMaxMb)) << 20;  // a larger value would wrap to 0
   }();
   return cap;
 }

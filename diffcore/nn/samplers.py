@@ -3,7 +3,9 @@
 Each takes the user's denoiser as a callable (an ``nn.Module`` is registered as a submodule) and a
 :class:`diffcore.Schedule`, and runs one fused diffcore step per timestep; noise is drawn with
 ``torch.randn_like`` in the order the published loops draw it, so a seeded run equals the
-original loop to float32 rounding.
+original loop to float32 rounding (for a contiguous ``x_T``: ``randn_like`` fills a non-contiguous
+tensor in memory order, while these samplers draw every step's noise in row-major order, with
+grad mode on or off alike).
 
 - :class:`DreamRecSampler`: classifier-free guidance ``x0 = (1 + w) f(x, c, t) - w f(x, c_null, t)``,
   two denoiser calls per step or one batched call over ``[c; c_null]``; starts at
@@ -96,6 +98,9 @@ class DreamRecSampler(_Sampler):
         seed, offset = _checks.seed_offset(seed, offset)
         B, d_c = condition.shape
         null_condition = torch.as_tensor(null_condition, device=condition.device)
+        if null_condition.dtype != condition.dtype:
+            raise TypeError(f"null_condition: expected dtype {condition.dtype} (the dtype of condition), got "
+                            f"{null_condition.dtype}")
         if null_condition.shape not in ((d_c,), (1, d_c), (B, d_c)):
             raise ValueError(f"null_condition: expected shape ({d_c},), (1, {d_c}) or ({B}, {d_c}) (condition is "
                              f"({B}, {d_c})), got {tuple(null_condition.shape)}")
@@ -140,7 +145,7 @@ class DreamRecSampler(_Sampler):
             cond_out, uncond_out = outputs(x, i)
             step_seed = seed if i > 0 else None
             if grad:
-                noise = torch.randn_like(x) if i > 0 and seed is None else None
+                noise = torch.randn_like(x, memory_format=torch.contiguous_format) if i > 0 and seed is None else None
                 x = p_step(x, cond_out, t_all[i : i + 1], schedule, prediction=self.prediction, uncond_out=uncond_out,
                            guidance_scale=self.guidance_scale, noise=noise, seed=step_seed, offset=offset + k * stride)
             else:
@@ -172,7 +177,8 @@ class DiffuRecSampler(_Sampler):
             for i in reversed(range(schedule.num_steps)):
                 t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
                 model_out = self.denoiser(x, t)
-                noise = torch.empty_like(x).normal_(generator=generator) if self.noise else None
+                noise = (torch.empty_like(x, memory_format=torch.contiguous_format).normal_(generator=generator)
+                         if self.noise else None)
                 x = p_step(x, model_out, t, schedule, prediction=self.prediction, variance="beta", noise=noise)
             return x
         return sample(self.denoiser, x_T, schedule, noise=self.noise, prediction=self.prediction, variance="beta",

@@ -233,15 +233,21 @@ def untracked_write(tensors: dict[str, torch.Tensor | None]) -> None:
 
 
 def out_tensor(out: object, ref: torch.Tensor, others: dict[str, torch.Tensor | None],
-               ref_name: str = "x_t") -> torch.Tensor:
-    """``out=`` must match ``ref`` (named ``ref_name``); it is ``ref`` itself (in place) or shares
-    memory with no input."""
-    out = writable(ref_name if out is ref else "out", like("out", out, ref, ref_name))
-    if out is not ref and not torch.compiler.is_compiling():
-        for name, other in {ref_name: ref, **others}.items():
+               ref_name: str = "x_t", name: str = "out", apart_in_place: bool = False) -> torch.Tensor:
+    """An output argument (``name``, e.g. ``out=``) must match ``ref`` (named ``ref_name``); it is
+    ``ref`` itself (in place) or shares memory with no input; and nothing requires grad under grad
+    mode (:func:`untracked_write`). ``apart_in_place``: in place too, no other input may share
+    ``ref``'s memory (the SDE steps, whose kernels do not read such operands from copies)."""
+    out = writable(ref_name if out is ref else name, like(name, out, ref, ref_name))
+    if not torch.compiler.is_compiling():
+        if out is not ref:
+            against, note = {ref_name: ref, **others}, f" (only {ref_name} may be written in place)"
+        else:
+            against, note = (others if apart_in_place else {}), ""
+        for other_name, other in against.items():
             if other is not None and overlaps(out, other):
-                raise ValueError(f"out: must not share memory with {name} (only {ref_name} may be written in place)")
-    untracked_write({ref_name: ref, **others, "out": out})
+                raise ValueError(f"{name}: must not share memory with {other_name}{note}")
+    untracked_write({ref_name: ref, **others, name: out})
     return out
 
 

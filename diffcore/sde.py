@@ -424,27 +424,10 @@ def _operands(x, score, noise, seed, offset, out, mean_out):
     seed, offset = _checks.seed_offset(seed, offset)
     inputs = {"score": score, "noise": noise}
     if out is not None:
-        _written(out, x, "x")
-        _no_overlap("out", out, {**({} if out is x else {"x": x}), **inputs, "mean_out": mean_out})
+        _checks.out_tensor(out, x, {**inputs, "mean_out": mean_out}, "x", apart_in_place=True)
     if mean_out is not None:
-        _checks.writable("mean_out", _checks.like("mean_out", mean_out, x, "x"))
-        _no_overlap("mean_out", mean_out, {"x": x, **inputs})
-    if out is not None or mean_out is not None:
-        _checks.untracked_write({"x": x, **inputs, "out": out, "mean_out": mean_out})
+        _checks.out_tensor(mean_out, x, inputs, "x", name="mean_out")
     return seed, offset
-
-
-def _written(out: torch.Tensor, x: torch.Tensor, x_name: str) -> None:
-    """``out=`` like x (named ``x_name``), owning its elements; x itself names itself (in place)."""
-    _checks.writable(x_name if out is x else "out", _checks.like("out", out, x, x_name))
-
-
-def _no_overlap(name: str, t: torch.Tensor, others: dict[str, torch.Tensor | None]) -> None:
-    if torch.compiler.is_compiling():
-        return
-    for other_name, other in others.items():
-        if other is not None and _checks.overlaps(t, other):
-            raise ValueError(f"{name}: must not share memory with {other_name}")
 
 
 # --- coefficient rows ---------------------------------------------------------------------------
@@ -526,9 +509,7 @@ def sde_forward(
             raise ValueError("noise and seed: give one, not both")
     seed, offset = _checks.seed_offset(seed, offset)
     if out is not None:
-        _written(out, x0, "x0")
-        if out is not x0:
-            _no_overlap("out", out, {"x0": x0, "noise": noise})
+        _checks.out_tensor(out, x0, {"noise": noise}, "x0")
     sde = _sde(sde, x0)
     t = _times("t", t, x0, sde)
     mean, std = sde.marginal(t)
@@ -729,8 +710,7 @@ def probability_flow_step(
     _checks.float_tensor("x", x, ndim=2)
     _checks.like("score", score, x, "x")
     if out is not None:
-        _written(out, x, "x")
-        _no_overlap("out", out, {**({} if out is x else {"x": x}), "score": score})
+        _checks.out_tensor(out, x, {"score": score}, "x", apart_in_place=True)
     sde = _sde(sde, x)
     t, dt = _times("t", t, x, sde), _step_dt(dt)
     k = _score_scale(prediction, std, t, x, sde)

@@ -464,13 +464,16 @@ def test_in_place_and_out_forms_refuse_autograd():
     not record autograd), rather than getting a wrong gradient."""
     sde = make_sde("vp")
     x, s = (v.requires_grad_() for v in make((3, 6), seed=31)[:2])
-    calls = {
-        "x": lambda: S.euler_maruyama_step_(x * 1, s.detach(), 0.5, -0.01, sde, seed=1),
-        "score": lambda: S.langevin_step(x.detach(), s, 0.1, sde, t=0.5, seed=1, out=torch.empty(3, 6)),
-        "mean_out": lambda: S.euler_maruyama_step(x.detach(), s.detach(), 0.5, -0.01, sde, seed=1,
-                                                  mean_out=torch.empty(3, 6).requires_grad_()),
-    }
-    for name, call in calls.items():
+    calls = [
+        ("x", lambda: S.euler_maruyama_step_(x * 1, s.detach(), 0.5, -0.01, sde, seed=1)),
+        ("score", lambda: S.langevin_step(x.detach(), s, 0.1, sde, t=0.5, seed=1, out=torch.empty(3, 6))),
+        ("mean_out", lambda: S.euler_maruyama_step(x.detach(), s.detach(), 0.5, -0.01, sde, seed=1,
+                                                   mean_out=torch.empty(3, 6).requires_grad_())),
+        # these two run the diffusion family's step
+        ("x0", lambda: S.sde_forward(x, 0.5, sde, seed=1, out=torch.empty(3, 6))),
+        ("score", lambda: S.probability_flow_step_(x.detach().clone(), s, 0.5, -0.01, sde)),
+    ]
+    for name, call in calls:
         with pytest.raises(RuntimeError, match=f"{name}: requires grad, but the in-place and out= forms"):
             call()
         with torch.no_grad():

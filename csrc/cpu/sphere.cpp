@@ -174,6 +174,24 @@ inline int64_t block_rows(int64_t cols) {
   return std::clamp<int64_t>(4096 / std::max<int64_t>(cols, 1), 1, kLanes);
 }
 
+// Prefetches row r of every operand a sweep reads and of its output (out_cols elements of it),
+// if r < end: the sweeps below call it for the row prefetch_rows_ahead (vec_rows.h) rows on.
+// 65,536 x 64 float32 p_step with given noise, allocating, in one process, interleaved: ~1.7x ->
+// ~1.9x of torch.compile's time; a chained DimeRec-style loop 2-7% faster.
+template <typename T>
+inline void prefetch_operands(const SphereOperands& op, int64_t r, int64_t end, int64_t out_cols) {
+  if (r >= end) return;
+  const int64_t n = op.cols;
+  auto row = [&](const void* base, int64_t stride) {
+    return static_cast<const T*>(base) + r * stride;
+  };
+  prefetch_row(row(op.x, op.x_stride), n);
+  if (op.v != nullptr) prefetch_row(row(op.v, op.v_stride), n);
+  if (op.u != nullptr) prefetch_row(row(op.u, op.u_stride), n);
+  if (op.noise != nullptr) prefetch_row(row(op.noise, op.noise_stride), n);
+  prefetch_row<true>(row(op.out, op.out_stride), out_cols);
+}
+
 // expmap coefficients of a block: out = alpha x + beta v for exp_x^(s P v), from the sums
 // xx = |x|^2, xv = <x, v>, vv = |v|^2: lambda = xv / xx, th = s sqrt(vv - xv lambda),
 // beta = s sinc(th), alpha = cos(th) / |x| - beta lambda. Lanes of zero rows give garbage.
@@ -305,6 +323,8 @@ template <typename T>
 void map_rows(SphereMap map, const SphereOperands& op, int64_t begin, int64_t end, BadRow& bad) {
   using A = Acc<T>;
   const int64_t n = op.cols, rows_per_block = block_rows(n);
+  const int64_t ahead = prefetch_rows_ahead(n * static_cast<int64_t>(sizeof(T)));
+  const int64_t out_cols = map == SphereMap::kDistance ? 1 : n;
   const bool has_v = map != SphereMap::kNormalize;
   for (int64_t r0 = begin; r0 < end; r0 += rows_per_block) {
     const int64_t m = std::min(rows_per_block, end - r0);
@@ -323,6 +343,7 @@ void map_rows(SphereMap map, const SphereOperands& op, int64_t begin, int64_t en
       const int64_t r = r0 + i;
       const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
       const T* v = has_v ? static_cast<const T*>(op.v) + r * op.v_stride : nullptr;
+      if (ahead > 0) prefetch_operands<T>(op, r + ahead, end, out_cols);
       dots_row(x, v, n, xx[i], xv[i], vv[i]);
       if (map == SphereMap::kNormalize) {
         zero[i] = xx[i] == A(0) && op.eps == 0.0;
@@ -380,6 +401,7 @@ template <typename T>
 void q_sample_rows(const SphereOperands& op, int64_t begin, int64_t end, float* zbuf, BadRow& bad) {
   using A = Acc<T>;
   const int64_t n = op.cols, rows_per_block = block_rows(n);
+  const int64_t ahead = prefetch_rows_ahead(n * static_cast<int64_t>(sizeof(T)));
   for (int64_t r0 = begin; r0 < end; r0 += rows_per_block) {
     const int64_t m = std::min(rows_per_block, end - r0);
     if (op.seeded)  // the block's rows are one stretch of the stream
@@ -393,6 +415,7 @@ void q_sample_rows(const SphereOperands& op, int64_t begin, int64_t end, float* 
       const int64_t r = r0 + i;
       const T* x = static_cast<const T*>(op.x) + r * op.x_stride;
       s[i] = static_cast<A>(op.coef.row(r)[0]);
+      if (ahead > 0) prefetch_operands<T>(op, r + ahead, end, n);
       if (op.seeded) {
         dots_row<T, float>(x, zbuf + i * n, n, xx[i], xz[i], zz[i]);
       } else {
@@ -522,6 +545,7 @@ void sphere_p_step_kernel(const SphereOperands& op, at::ScalarType dtype) {
     using T = scalar_t;
     const int64_t n = op.cols;
     const int64_t rows_per_block = block_rows(n);
+    const int64_t ahead = prefetch_rows_ahead(n * static_cast<int64_t>(sizeof(T)));
     at::parallel_for(0, op.rows, row_grain(n, op.seeded), [&](int64_t begin, int64_t end) {
       std::vector<Acc<T>> y(static_cast<size_t>(n));
       std::vector<float> z(op.seeded ? static_cast<size_t>(rows_per_block * n) : 0);
@@ -529,8 +553,10 @@ void sphere_p_step_kernel(const SphereOperands& op, at::ScalarType dtype) {
         const int64_t m = std::min(rows_per_block, end - r0);
         if (op.seeded)  // the block's rows are one stretch of the stream
           philox_normals(z.data(), op.seed, op.offset, static_cast<uint64_t>(r0 * n), m * n);
-        for (int64_t i = 0; i < m; ++i)
+        for (int64_t i = 0; i < m; ++i) {
+          if (ahead > 0) prefetch_operands<T>(op, r0 + i + ahead, end, n);
           p_step_row<T>(op, r0 + i, y.data(), op.seeded ? z.data() + i * n : nullptr);
+        }
       }
     });
   });

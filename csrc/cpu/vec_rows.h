@@ -2,7 +2,7 @@
 // store2 move two vectors (2 AVec<T>::size() elements) of T in the accumulation type acc_t<T>
 // (float for float32, float16 and bfloat16; double for float64), and stream2 / write2 /
 // stream_output / stream_head / stream_fence write outputs larger than the cache with non-temporal
-// stores.
+// stores; prefetch_rows_ahead / prefetch_row prefetch the rows ahead for kernels over short rows.
 //
 // Included only by per-instruction-set kernel files, inside their CPU_CAPABILITY namespace, so each
 // build gets its own copy.
@@ -49,6 +49,27 @@ inline void store2(T* p, const AVec<T>& lo, const AVec<T>& hi) {
   } else {
     at::vec::convert_from_float<T>(lo, hi).store(p);
   }
+}
+
+// Software prefetch for kernels that walk short rows one at a time with a reduction between a
+// row's loads and its stores (the sphere steps): each row's reads and stores wait on that chain,
+// so the hardware alone keeps too few lines in flight, and a store to a line not yet owned stalls
+// the ones behind it. Such a kernel prefetches the row prefetch_rows_ahead(row bytes) rows on:
+// its operands for reading and its output for writing. Rows of kPrefetchAhead bytes or more get
+// none (the hardware prefetcher follows a long row by itself).
+inline constexpr int64_t kPrefetchAhead = 2048;  // bytes ahead, per operand
+
+inline int64_t prefetch_rows_ahead(int64_t row_bytes) {
+  return row_bytes >= kPrefetchAhead || row_bytes <= 0 ? 0 : kPrefetchAhead / row_bytes;
+}
+
+// Prefetches the lines of p[0:n]: for writing when kWrite, else for reading.
+template <bool kWrite = false, typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p + n);
+  for (uintptr_t l = first; l < last; l += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(l), kWrite ? 1 : 0);
 }
 
 // store2 with non-temporal stores where the build has them (float32 and float64, p aligned to the

@@ -75,6 +75,7 @@ class _Forced(torch.autograd.Function):
         outs = outputs()
         impl(*args, *outs)
         backward, setup_context = _AUTOGRAD[op]
+        ctx.forced = impl.name
         ctx.op_ctx = _OpCtx(ctx)
         ctx.backward = backward
         setup_context(ctx.op_ctx, args, outs[0] if len(outs) == 1 else outs)
@@ -89,7 +90,9 @@ class _Forced(torch.autograd.Function):
 def run_forced(op: str, impl, args: tuple, outputs) -> torch.Tensor | tuple:
     """The implementation ``impl`` that ``diffcore.use`` forces, run as the op ``op`` with its
     arguments ``args`` into the tensors ``outputs()`` makes, with the op's autograd formula when an
-    argument requires grad under grad mode (the formula's own op calls go through the dispatcher).
+    argument requires grad under grad mode. The formula's own op calls go through the dispatcher,
+    except where it reads ``ctx.forced`` (the forced implementation's name, absent otherwise): the
+    training losses run their backward op through the same implementation as the forward.
     Returns the output, or the tuple of outputs."""
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return _Forced.apply(op, impl, outputs, *args)
@@ -1009,6 +1012,22 @@ def once_differentiable(backward):
     return wrapper
 
 
+def _training_backward_op(op: str, forced: str | None):
+    """``op``'s backward op: through the dispatcher, or through the implementation ``forced``
+    (``diffcore.use``) into the outputs ``training_outputs`` allocates."""
+    backward_op = f"{op}_backward"
+    if forced is None:
+        return getattr(torch.ops.diffcore, backward_op)
+    impl = _registry.get(backward_op, forced)
+
+    def run(*args):
+        outs = training_outputs(backward_op, args)
+        impl(*args, *outs)
+        return outs[0] if len(outs) == 1 else outs
+
+    return run
+
+
 def _training_register_autograd(op: str) -> None:
     def setup_context(ctx, inputs, output):
         ctx.op = op
@@ -1021,8 +1040,8 @@ def _training_register_autograd(op: str) -> None:
         args = list(ctx.inputs)
         for i, v in zip(ctx.tensor_slots, ctx.saved_tensors):
             args[i] = v
-        backward_op = getattr(torch.ops.diffcore, f"{op}_backward")
-        return TRAINING_GRADS[op](tuple(args), grads, ctx.needs_input_grad, backward_op)
+        return TRAINING_GRADS[op](tuple(args), grads, ctx.needs_input_grad,
+                                  _training_backward_op(op, getattr(ctx, "forced", None)))
 
     _register_autograd(op, backward, setup_context)
 

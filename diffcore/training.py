@@ -36,44 +36,12 @@ UNIFORM_PROB = 0.001  # DiffRec's mixing weight of the uniform distribution
 
 
 # --- running an op ------------------------------------------------------------------------------
-class _Forced(torch.autograd.Function):
-    """An op through the implementation ``diffcore.use`` forces, its backward through the same
-    implementation of the op's ``_backward`` (the autograd formulas of ``_library``)."""
-
-    @staticmethod
-    def forward(ctx, op: str, name: str, *args):
-        outs = _library.training_outputs(op, args)
-        _registry.get(op, name)(*args, *outs)
-        ctx.op, ctx.name = op, name
-        ctx.tensor_slots = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
-        ctx.save_for_backward(*(args[i] for i in ctx.tensor_slots))
-        ctx.inputs = [None if isinstance(v, torch.Tensor) else v for v in args]
-        return outs[0]
-
-    @staticmethod
-    @_library.once_differentiable
-    def backward(ctx, *grads):
-        args = list(ctx.inputs)
-        for i, v in zip(ctx.tensor_slots, ctx.saved_tensors):
-            args[i] = v
-        backward_op = f"{ctx.op}_backward"
-        impl = _registry.get(backward_op, ctx.name)
-
-        def run_backward(*bargs):
-            outs = _library.training_outputs(backward_op, bargs)
-            impl(*bargs, *outs)
-            return outs[0] if len(outs) == 1 else outs
-
-        grads = _library.TRAINING_GRADS[ctx.op](tuple(args), grads, ctx.needs_input_grad[2:], run_backward)
-        return (None, None, *grads)
-
-
 def _run(op: str, *args) -> torch.Tensor:
     """The loss op ``op`` through the dispatcher, or the forced implementation with autograd."""
     impl = _registry.forced_for(op, args[0].device)
     if impl is None:
         return getattr(torch.ops.diffcore, op)(*args)
-    return _Forced.apply(op, impl.name, *args)
+    return _library.run_forced(op, impl, args, lambda: _library.training_outputs(op, args))
 
 
 # --- diffusion loss -----------------------------------------------------------------------------

@@ -120,6 +120,46 @@ def test_diffusion_loss_gradients(name, prediction, schedule):
         torch.testing.assert_close(mine.grad, want.grad, rtol=1e-5, atol=1e-5 * want.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("name", impl_params("training_diffusion_loss"))
+def test_forced_backward_runs_the_forced_implementation(name, schedule, monkeypatch):
+    """Under diffcore.use(name), each loss's backward op runs through implementation `name` too
+    (once per backward), not through the dispatcher, and gives the dispatcher's gradients."""
+    from diffcore import _registry
+
+    calls = []
+
+    def spy(op):
+        impl = _registry.get(op, name)
+
+        def fn(*args):
+            calls.append(op)
+            impl(*args)
+
+        monkeypatch.setitem(_registry._REGISTRY[op], name, _registry.Implementation(
+            op, name, fn, impl.unavailable, impl.devices))
+
+    for op in ("training_diffusion_loss", "training_bpr_loss", "training_info_nce"):
+        spy(f"{op}_backward")
+    U, I = bpr_tables(seed=3)[:2]
+    users, pos, neg = bpr_indices(seed=4)
+    m, x, z = make((4, 37), seed=5)
+    a, b = make((6, 5), seed=6, count=2)
+    t, pt = timesteps(4, 40, seed=1), probabilities(4, seed=2)
+    losses = {
+        "training_diffusion_loss": lambda m: diffusion_loss(m, x, z, t, schedule, pt=pt).sum(),
+        "training_bpr_loss": lambda U: bpr_loss((U, I), users, pos, neg),
+        "training_info_nce": lambda a: info_nce(a, b, 0.5),
+    }
+    for (op, loss), leaf in zip(losses.items(), (m, U, a)):
+        theirs, ours = (leaf.clone().requires_grad_() for _ in range(2))
+        want, = torch.autograd.grad(loss(theirs), theirs)
+        calls.clear()
+        with diffcore.use(name):
+            got, = torch.autograd.grad(loss(ours), ours)
+        assert calls == [f"{op}_backward"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("prediction", ["x0", "eps"])
 def test_large_gradients_are_streamed_alike(dtype, prediction, schedule):

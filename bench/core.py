@@ -31,6 +31,11 @@ EAGER = "eager"  # the reference as people run it (eager, allocating)
 COMPILE = "compile"  # torch.compile of that same code (allocating)
 COMPILE_IN_PLACE = "compile-in-place"  # its best form: compiled, writing a preallocated tensor
 ROOFLINE = "roofline"  # dst.copy_(src) moving the op's bytes, added by the harness to every case
+# One plain torch op with the op's reads and a write of the same kind (fresh or in place): its
+# speed-ups over the baselines show what that memory traffic alone allows here, against the same
+# baselines in the same rounds, and a target's line quotes it. Not a hard ceiling: a kernel with
+# other store or prefetch strategies can pass it.
+SAME_BYTES = "same-bytes"
 
 SUITES = ("quick", "full")  # "smoke" (tiny shapes, for the test suite) is accepted but not advertised
 

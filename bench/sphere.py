@@ -7,7 +7,8 @@ Rows per workload and op, each with an allocating and an in-place mode:
   implementation, the eager reference (``diffcore.reference.sphere``), ``torch.compile`` of it
   (allocating, and in place with ``copy_``), and geoopt's ``Sphere`` where geoopt is installed
   (``expmap(x0, s proju(x0, z))``; the diffusion step then ``projx``). All are checked against the
-  float32 reference.
+  float32 reference. A same-bytes row (bench.core.SAME_BYTES): ``torch.add(x0, z)`` /
+  ``torch.addcmul(x_t, m, z)``, the same reads and a fresh write in one plain torch op.
 - seeded: diffcore draws ``z`` from its Philox stream inside the kernel; the baselines draw it as
   people do, ``torch.randn_like``, eager and compiled. diffcore's rows are checked against the
   reference Philox on rows at both ends; every provider's output must be unit rows, and for
@@ -29,6 +30,7 @@ from bench.core import (
     COMPILE_IN_PLACE,
     EAGER,
     IN_PLACE,
+    SAME_BYTES,
     Case,
     Config,
     Inputs,
@@ -175,6 +177,9 @@ def _case(op: Op, w: Workload, config: Config, seeded: bool) -> Case:
         Provider(f"geoopt Sphere{suffix}", ALLOCATING, setup=geoopt_step if manifold is not None else None,
                  check=baseline_check, unavailable=missing),
     ]
+    if not seeded:
+        providers.append(Provider(f"same bytes: {SAME[op.name][0]}", ALLOCATING, setup=SAME[op.name][1], check=None,
+                                  role=SAME_BYTES))
     return Case(
         FAMILY, op.name, w, "seeded" if seeded else "given noise",
         bytes_moved=tensors * w.numel * elem,
@@ -183,6 +188,14 @@ def _case(op: Op, w: Workload, config: Config, seeded: bool) -> Case:
         reset=lambda inputs: inputs["x"].copy_(inputs["x0"]),
         notes=notes + NOTES,
     )
+
+
+# Given noise, the same reads and a fresh write in one plain torch op (SAME_BYTES in bench.core).
+SAME = {
+    "q_sample": ("torch.add(x0, z)", lambda i: lambda: torch.add(i["x"], i["z"])),
+    "p_step": ("torch.addcmul(x_t, m, z)",
+               lambda i: lambda: torch.addcmul(i["x"], i["m"], i["z"])),
+}
 
 
 def _inputs(op: Op, w: Workload, config: Config, seeded: bool) -> Inputs:

@@ -189,20 +189,24 @@ def test_targets_evaluation():
         return {"family": "f", "op": "op", "workload": "w", "shape": [4, 8], "variant": "v", "mode": "in-place",
                 "provider": provider, "status": "ok", "p50_ms": p50, **kw}
 
-    rows = [row("diffcore:cpu", 10.0, copy_share=0.5, vs_eager=20.0), row("other", 30.0)]
+    rows = [row("diffcore:cpu", 10.0, copy_share=0.5, vs_eager=20.0), row("other", 30.0),
+            row("same bytes: torch.add(a, b)", 5.0, role="same-bytes", vs_eager=40.0)]
     targets = [
+        Target("f", "op", "w", (4, 8), "v", "in-place", "diffcore:cpu", "vs_eager", 25.0),
         Target("f", "op", "w", (4, 8), "v", "in-place", "diffcore:cpu", "vs_provider", 2.0, baseline="other"),
         Target("f", "op", "w", (4, 8), "v", "in-place", "diffcore:cpu", "copy_share", 0.6),
         Target("f", "op", "w", (4, 8), "v", "in-place", "diffcore:cpu", "vs_eager", 15.0, threads=1),
         Target("f", "op", "big", (400, 8), "v", "in-place", "diffcore:cpu", "vs_eager", 15.0),
     ]
     result = evaluate_targets(targets, rows, threads=2, dtype="float32")
-    assert result[0]["measured"] == 3.0 and result[0]["met"]
-    assert result[1]["measured"] == 0.5 and result[1]["met"] is False
-    assert result[2]["measured"] is None and "thread count" in result[2]["why"]
-    assert result[3]["measured"] is None and "not in this run" in result[3]["why"]
+    assert result[0]["measured"] == 20.0 and result[0]["same_bytes"] == 40.0  # a ratio metric quotes the row
+    assert result[1]["measured"] == 3.0 and result[1]["met"] and "same_bytes" not in result[1]
+    assert result[2]["measured"] == 0.5 and result[2]["met"] is False and "same_bytes" not in result[2]
+    assert result[3]["measured"] is None and "thread count" in result[3]["why"]
+    assert result[4]["measured"] is None and "not in this run" in result[4]["why"]
     text = targets_text(result)
-    assert "speed-up vs other (in-place) >= 2x — measured 3.0x: met" in text and "**MISSED** (83% of the goal)" in text
+    assert "measured 20.0x: **MISSED** (80% of the goal); the same bytes through torch.add(a, b): 40.0x" in text
+    assert "speed-up vs other (in-place) >= 2x — measured 3.0x: met\n" in text and "(83% of the goal)" in text
 
 
 def test_providers_filter_keeps_the_baselines(capsys):

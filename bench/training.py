@@ -7,7 +7,8 @@ Rows per workload:
   d model_out. Providers: every registered ``training_diffusion_loss`` implementation (with the
   same implementation of the history update), DiffRec's eager code (its loop over the batch), and
   ``torch.compile`` of the loss with that loop left eager (Dynamo cannot trace a loop whose branch
-  reads tensor values without breaking the graph at every row). Bytes: model_out and x0 read.
+  reads tensor values without breaking the graph at every row). Bytes: model_out and x0 read. The
+  forward's same-bytes row (bench.core.SAME_BYTES) reads them with ``torch.dot`` (BLAS).
 - ``bpr_loss`` on the Gowalla-sized tables (29,858 users, 40,981 items, d = 64, batch 2,048,
   LightGCN's L2 term on the layer-0 tables): forward, and forward+backward to all four tables.
   Providers: the registered implementations, LightGCN-PyTorch's ``getEmbedding`` + ``bpr_loss``
@@ -30,6 +31,7 @@ from bench.core import (
     ALLOCATING,
     COMPILE,
     EAGER,
+    SAME_BYTES,
     Case,
     Config,
     Inputs,
@@ -152,6 +154,8 @@ def _loss_case(w: Workload, schedule_fn, config: Config, backward: bool) -> Case
                           lambda m, x0, noise, t: ref.training_losses(m, x0, noise, t, schedule),
                           lambda inputs: args(inputs)[:4], config, role=COMPILE, check=baseline_check, result=finish),
     ]
+    if not backward:
+        providers.append(Provider("same bytes: torch.dot(m, x0)", ALLOCATING, setup=_dot, check=None, role=SAME_BYTES))
     reads = 2 * w.numel * _elem(config)  # model_out and x0
     return Case(
         FAMILY, LOSS, w, LOSS_BACKWARD if backward else LOSS_UPDATE,
@@ -161,6 +165,12 @@ def _loss_case(w: Workload, schedule_fn, config: Config, backward: bool) -> Case
         reset=_reset_histories,
         notes=notes + NOTES[:1],
     )
+
+
+def _dot(inputs: Inputs):
+    """The loss's reads in one plain torch op: BLAS's dot product of model_out and x0."""
+    m, x0 = inputs["m"].reshape(-1), inputs["x0"].reshape(-1)
+    return lambda: torch.dot(m, x0)
 
 
 def _lt_update_and_divide(loss, t, pt, lt_history, lt_count, m, backward: bool) -> torch.Tensor:

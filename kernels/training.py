@@ -12,8 +12,9 @@ loss and SGL's InfoNCE, forward and backward.
     InfoNCE          loss_i = logsumexp_j(<a_i, b_j> / tau) - <a_i, b_i> / tau, a running
                      logsumexp over blocks of columns (flash-attention's scheme); the backward
                      recomputes the logits, by row blocks for d/da and by column blocks for d/db;
-                     features go in chunks of at most _NCE_BLOCK_D (each gradient program writes
-                     one chunk and recomputes the full logits), so any d fits a program
+                     the logits sum the features in chunks of at most _NCE_BLOCK_K, and each
+                     gradient program writes a tile of at most _NCE_BLOCK_D features (recomputing
+                     the full logits), so any d fits a program
 
 The meaning is ``diffcore.reference.training``; the CPU twin is csrc/cpu/training.cpp. Values that
 need checking (timesteps, pt, indices) are checked on the host before anything is launched (on
@@ -32,10 +33,11 @@ from .philox import round_to
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_BLOCK = 2048  # columns per program of the diffusion loss at most
 _BLOCK_ROWS = 16  # batch rows per program of BPR
-_BPR_BLOCK_D = 128  # features per chunk of BPR's rows at most
+_BPR_BLOCK_D = 32  # features per chunk of BPR's rows at most (128 spilled registers on sm_90)
 _HISTORY_BLOCK = 1024  # history slots per chunk of the history update at most
 _NCE_BLOCK = 32  # rows and columns of an InfoNCE logits block at most
-_NCE_BLOCK_D = 128  # features per chunk of an InfoNCE logits block, and per gradient tile, at most
+_NCE_BLOCK_K = 32  # features per chunk of an InfoNCE logits block at most (128 spilled on sm_90)
+_NCE_BLOCK_D = 64  # features per gradient tile at most
 _NORM_EPS = 1e-12  # F.normalize's eps
 _LIKELIHOOD: tl.constexpr = tl.constexpr(2)  # row mode: 0 target x0, 1 target noise, 2 eps likelihood at t = 0
 
@@ -630,15 +632,16 @@ def _nce_backward_a_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    BD: tl.constexpr,
 ):
     """``d/da^_i = g_i / tau (sum_j P_ij b^_j - b^_i)``, P the row softmax, for BM rows i and the
-    BK features of program_id(1)."""
+    BD features of program_id(1)."""
     tau = tl.full([], tau, ACC)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
-    kd = tl.program_id(1) * BK + tl.arange(0, BK)
+    kd = tl.program_id(1) * BD + tl.arange(0, BD)
     lse, diag = _nce_lse(a_ptr, i, b_ptr, n, d, tau, BN, BK, ACC)
     g = tl.load(g_ptr + i, mask=i < n, other=0.0)
-    acc = tl.zeros([BM, BK], dtype=ACC)
+    acc = tl.zeros([BM, BD], dtype=ACC)
     for j0 in range(0, n, BN):
         j = j0 + tl.arange(0, BN)
         logits = _nce_logits(a_ptr, i, b_ptr, j, n, d, tau, BK, ACC)
@@ -666,13 +669,14 @@ def _nce_backward_b_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    BD: tl.constexpr,
 ):
-    """``d/db^_j = 1 / tau (sum_i g_i P_ij a^_i - g_j a^_j)`` for BN columns j and the BK
+    """``d/db^_j = 1 / tau (sum_i g_i P_ij a^_i - g_j a^_j)`` for BN columns j and the BD
     features of program_id(1)."""
     tau = tl.full([], tau, ACC)
     j = tl.program_id(0) * BN + tl.arange(0, BN)
-    kd = tl.program_id(1) * BK + tl.arange(0, BK)
-    acc = tl.zeros([BN, BK], dtype=ACC)
+    kd = tl.program_id(1) * BD + tl.arange(0, BD)
+    acc = tl.zeros([BN, BD], dtype=ACC)
     for i0 in range(0, n, BM):
         i = i0 + tl.arange(0, BM)
         lse = tl.load(lse_ptr + i, mask=i < n, other=0.0)
@@ -705,8 +709,14 @@ def _nce_prepare(a: torch.Tensor, b: torch.Tensor, temperature: float, cosine: b
 
 
 def _nce_blocks(n: int, d: int) -> dict:
+    """The logits blocks (BM x BN, summed over BK features at a time); tl.dot needs 16 at least."""
     block = max(16, min(_NCE_BLOCK, triton.next_power_of_2(max(n, 1))))
-    return {"BM": block, "BN": block, "BK": max(16, min(_NCE_BLOCK_D, triton.next_power_of_2(d)))}
+    return {"BM": block, "BN": block, "BK": max(16, min(_NCE_BLOCK_K, triton.next_power_of_2(d)))}
+
+
+def _nce_tile(d: int) -> int:
+    """Features per gradient tile."""
+    return max(16, min(_NCE_BLOCK_D, triton.next_power_of_2(d)))
 
 
 def training_info_nce_out(
@@ -757,8 +767,8 @@ def training_info_nce_backward_out(
         g = _row_grads(grad, reduction, B, an.dtype)
         lse = torch.empty(B, dtype=an.dtype, device=a.device)
         acc = tl.float64 if an.dtype == torch.float64 else tl.float32
-        blocks = _nce_blocks(B, d)
-        tiles = triton.cdiv(max(d, 1), blocks["BK"])
+        blocks = {**_nce_blocks(B, d), "BD": _nce_tile(d)}
+        tiles = triton.cdiv(max(d, 1), blocks["BD"])
         with device_guard(a):
             _nce_backward_a_kernel[(triton.cdiv(B, blocks["BM"]), tiles)](ga, lse, g, an, bn, B, d,
                                                                            float(temperature), ACC=acc, **blocks)

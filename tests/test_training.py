@@ -500,6 +500,7 @@ def test_triton_works_in_chunks(monkeypatch):
     from diffcore.kernels import training as kt
 
     monkeypatch.setattr(kt, "_BPR_BLOCK_D", 16)
+    monkeypatch.setattr(kt, "_NCE_BLOCK_K", 16)
     monkeypatch.setattr(kt, "_NCE_BLOCK_D", 16)
     monkeypatch.setattr(kt, "_HISTORY_BLOCK", 4)
     check_fifo("triton", 4, 10, 9)

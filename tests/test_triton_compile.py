@@ -17,7 +17,10 @@ This file is also the script the test runs, in fresh Pythons:
    divisibility and option that any launch shows, and each constexpr value with float32 operands
    and again with float64 ones), and those are compiled with ``triton.compile`` for
    ``GPUTarget("cuda", 90, 32)`` in a fresh cache (about 120 compiles, 50 s on two cores). Every
-   failure is reported, as is a kernel needing more shared memory than sm_90 has.
+   failure is reported, as is a kernel needing more shared memory than sm_90 has, or spilling
+   more than SPILL_LIMIT bytes of registers per thread (from ptxas's own report, ``-v``): a spill
+   of a few words stays in L1, but the BPR and InfoNCE tiles of 128 features spilled 250-1900
+   bytes, reloaded in every loop iteration, before their chunks were cut to 32.
 
 ``DIFFCORE_COMPILE_EVERY_LAUNCH=1`` also records the slow-to-compile variants (the largest blocks in
 float16, seeded sphere steps of 4096 elements a program) and compiles every unique specialisation
@@ -40,6 +43,7 @@ import pytest
 
 TARGET = ("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB, opt-in)
+SPILL_LIMIT = 64  # bytes of spill stores or loads per thread that a specialisation may have
 KERNELS_PACKAGE = "diffcore.kernels"
 FAMILIES = ("diffusion", "linalg", "random", "retrieval", "sde", "sparse", "sphere", "training")
 RECORD_GROUPS = (("retrieval", "sparse", "linalg", "random"), ("sphere", "sde", "diffusion", "training"))
@@ -247,7 +251,7 @@ class _Drivers:
             calls((6, 3), dtype)
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             calls((6, 3), dtype, noises=("big",))
-            if self.every or dtype != torch.float16:  # BLOCK 1024, ROWS 4; seeded: ~8 s a compile
+            if self.every or dtype != torch.float16:  # BLOCK 512, ROWS 8 (the largest)
                 calls((3, 1100), dtype, noises=("given", "seeded") if self.every else ("given",))
         calls((1, 1), torch.float32, noises=("given",))
 
@@ -381,11 +385,11 @@ class _Drivers:
                 bpr(dtype, 8, torch.int64, ego)
         bpr(f16, 8, torch.int64, True)
         for dtype in (f64, *self.wide):
-            bpr(dtype, 200, torch.int32, True)  # BLOCK_D 128
+            bpr(dtype, 200, torch.int32, True)  # BLOCK_D 32, seven chunks
         bpr(f32, 1, torch.int64, False, batch=1, wd=0.0)
 
         for dtype in (f32, f64, f16, bf16):  # float16 / bfloat16 operands run in float32
-            for shape in ((5, 6), (40, 200)):  # blocks 16 x 16 x 16 and 32 x 32 x 128
+            for shape in ((5, 6), (40, 200)):  # blocks 16 x 16 x 16 (tile 16) and 32 x 32 x 32 (tile 64)
                 a, b = self.randn(*shape, dtype=dtype), self.randn(*shape, dtype=dtype)
                 training.training_info_nce_out(a, b, 0.2, True, "none", torch.empty(shape[0], dtype=dtype))
                 training.training_info_nce_backward_out(torch.ones(shape[0], dtype=dtype), a, b, 0.2, False, "none",
@@ -510,21 +514,35 @@ def _error(exc: BaseException) -> str:
 
 
 def _compile_one(launch: dict) -> dict:
-    """Compiles one launch for the target: {"ok", "spec", "error"}."""
+    """Compiles one launch for the target: {"ok", "spec", and "error" or "spill" (the most bytes
+    of spill stores or loads per thread, from ptxas's report)}."""
+    import contextlib
+    import io
+    import re
+
     import triton
     from triton.compiler import ASTSource
 
     signature = None
+    triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report, printed
+    log = io.StringIO()
     try:
         kernel, signature, constexprs, attrs, options = _bind(launch)
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=_target(),
-                                  options=options.__dict__)
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=_target(),
+                                      options=options.__dict__)
     except Exception as exc:  # every failure is reported
         return {"ok": False, "spec": describe(launch, signature), "error": _error(exc)}
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.getvalue())]
+    if not spills:
+        return {"ok": False, "spec": describe(launch, signature), "error": "ptxas reported no spill counts"}
     if compiled.metadata.shared > SHARED_LIMIT:
         return {"ok": False, "spec": describe(launch, signature),
                 "error": f"needs {compiled.metadata.shared} bytes of shared memory; sm_90 has {SHARED_LIMIT}"}
-    return {"ok": True, "spec": describe(launch, signature)}
+    if max(spills) > SPILL_LIMIT:
+        return {"ok": False, "spec": describe(launch, signature),
+                "error": f"spills registers: {max(spills)} bytes per thread (ptxas -v); the limit is {SPILL_LIMIT}"}
+    return {"ok": True, "spec": describe(launch, signature), "spill": max(spills)}
 
 
 def _compile(launches: list[dict], every: bool) -> tuple[list[dict], dict]:
@@ -570,13 +588,16 @@ def main(argv: list[str]) -> int:
         print("skip: this Triton has no NVIDIA backend")
         return 0
     if not (hasattr(jit, "create_function_from_signature") and hasattr(jit.JITFunction, "_pack_args")
-            and hasattr(triton, "knobs")):
-        print(f"skip: Triton {triton.__version__} lacks the JIT binder this test binds launches with (3.9 has it)")
+            and hasattr(getattr(getattr(triton, "knobs", None), "nvidia", None), "dump_ptxas_log")):
+        print(f"skip: Triton {triton.__version__} lacks the JIT binder this test binds launches with, or "
+              "the ptxas log knob it reads spills from (3.9 has both)")
         return 0
     launches = json.loads(path.read_text())
     results, counts = _compile(launches, every=os.environ.get("DIFFCORE_COMPILE_EVERY_LAUNCH") == "1")
     path.with_suffix(".out.json").write_text(json.dumps({"results": results, "counts": counts}))
-    print(f"compiled {sum(r['ok'] for r in results)} of {len(results)}: {counts}")
+    worst = max((r for r in results if r["ok"]), key=lambda r: r["spill"], default=None)
+    print(f"compiled {sum(r['ok'] for r in results)} of {len(results)}: {counts}; the largest spill: "
+          + (f"{worst['spill']} bytes, {worst['spec']}" if worst else "none"))
     return 0
 
 

@@ -1014,18 +1014,13 @@ def once_differentiable(backward):
 
 def _training_backward_op(op: str, forced: str | None):
     """``op``'s backward op: through the dispatcher, or through the implementation ``forced``
-    (``diffcore.use``) into the outputs ``training_outputs`` allocates."""
+    (``diffcore.use``) into the outputs ``training_outputs`` allocates (run_forced; the backward
+    runs without grad, see once_differentiable)."""
     backward_op = f"{op}_backward"
     if forced is None:
         return getattr(torch.ops.diffcore, backward_op)
     impl = _registry.get(backward_op, forced)
-
-    def run(*args):
-        outs = training_outputs(backward_op, args)
-        impl(*args, *outs)
-        return outs[0] if len(outs) == 1 else outs
-
-    return run
+    return lambda *args: run_forced(backward_op, impl, args, lambda: training_outputs(backward_op, args))
 
 
 def _training_register_autograd(op: str) -> None:

@@ -708,15 +708,15 @@ def _nce_prepare(a: torch.Tensor, b: torch.Tensor, temperature: float, cosine: b
     return (a32 / na).contiguous(), (b32 / nb).contiguous(), na, nb
 
 
+def _nce_size(n: int, cap: int) -> int:
+    """A block side for n rows or features: a power of two, at most cap, at least 16 (tl.dot)."""
+    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
 def _nce_blocks(n: int, d: int) -> dict:
-    """The logits blocks (BM x BN, summed over BK features at a time); tl.dot needs 16 at least."""
-    block = max(16, min(_NCE_BLOCK, triton.next_power_of_2(max(n, 1))))
-    return {"BM": block, "BN": block, "BK": max(16, min(_NCE_BLOCK_K, triton.next_power_of_2(d)))}
-
-
-def _nce_tile(d: int) -> int:
-    """Features per gradient tile."""
-    return max(16, min(_NCE_BLOCK_D, triton.next_power_of_2(d)))
+    """The logits blocks: BM x BN, summed over BK features at a time."""
+    block = _nce_size(n, _NCE_BLOCK)
+    return {"BM": block, "BN": block, "BK": _nce_size(d, _NCE_BLOCK_K)}
 
 
 def training_info_nce_out(
@@ -767,7 +767,7 @@ def training_info_nce_backward_out(
         g = _row_grads(grad, reduction, B, an.dtype)
         lse = torch.empty(B, dtype=an.dtype, device=a.device)
         acc = tl.float64 if an.dtype == torch.float64 else tl.float32
-        blocks = {**_nce_blocks(B, d), "BD": _nce_tile(d)}
+        blocks = {**_nce_blocks(B, d), "BD": _nce_size(d, _NCE_BLOCK_D)}  # BD: features per gradient tile
         tiles = triton.cdiv(max(d, 1), blocks["BD"])
         with device_guard(a):
             _nce_backward_a_kernel[(triton.cdiv(B, blocks["BM"]), tiles)](ga, lse, g, an, bn, B, d,
